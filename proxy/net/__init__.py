@@ -1,0 +1,1 @@
+"""The network layer: the only part of pgwarden that imports asyncio."""

@@ -1,0 +1,454 @@
+"""The asyncio server: listening socket, one ClientConnection per client.
+
+Strategy (a thin layer over the sans-IO Session):
+* ClientConnection and UpstreamConnection are asyncio.Protocol adapters. Each
+  received chunk goes to the session, then the session's outputs are drained:
+  bytes with writelines, actions (TLS, connect upstream, cancel, close) here.
+* Back-pressure is linked: when one side's write buffer is full, reading from
+  the other side pauses until it drains, so a slow client never makes pgwarden
+  buffer a whole result set.
+* Timeouts (startup, idle) are checked by one housekeeping task for all
+  sessions instead of a timer per connection.
+* Shutdown is ordered: stop accepting, let each session finish its running
+  statement and close at its next ReadyForQuery, cancel what is left after
+  limits.shutdown_timeout_s.
+* A bug in a session closes that connection and is logged; the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import secrets
+import signal
+import ssl
+import time
+from contextlib import suppress
+from typing import Any, cast
+
+from proxy import audit
+from proxy.auth import load_users
+from proxy.errors import ConfigError, PgWardenError, StartupRefused
+from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
+from proxy.policy import Policy, load_policy
+from proxy.session.gate import Gate, PassThroughGate, Principal
+from proxy.session.machine import (
+    Cancel,
+    Close,
+    ConnectUpstream,
+    Phase,
+    Session,
+    SessionConfig,
+    StartTLS,
+)
+from proxy.settings import Settings
+from proxy.wire import backend as be
+
+
+def client_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
+
+
+class Server:
+    """Shared state of one pgwarden process: settings, policy, live sessions."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log = audit.get_logger()
+        self.users = load_users(settings.users_file)
+        self.policy: Policy = load_policy(settings.policy)
+        self.client_ssl = client_ssl_context(settings)
+        self.upstream_ssl = upstream_ssl_context(settings.upstream)
+        self.connections: dict[int, ClientConnection] = {}  # by our BackendKeyData pid
+        self.per_user: dict[str, int] = {}
+        self.total_connections = 0
+        self.session_config = SessionConfig(
+            users=self.users,
+            open_gate=self.open_gate,
+            database=settings.upstream.database,
+            upstream_user=settings.upstream.user,
+            upstream_password=settings.upstream.password,
+            tls_available=self.client_ssl is not None,
+            tls_required=settings.tls.required,
+            max_message_bytes=settings.limits.max_message_bytes,
+        )
+        self._listener: asyncio.Server | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- policy seam ---------------------------------------------------------
+
+    def open_gate(self, user: str) -> Gate | None:
+        role = self.policy.role_of(user)
+        if role is None:
+            return None
+        limit = self.settings.limits.max_connections_per_user
+        if self.per_user.get(user, 0) >= limit:
+            raise StartupRefused(
+                f'pgwarden: too many connections for user "{user}" (limit {limit})',
+                sqlstate="53300",
+            )
+        self.per_user[user] = self.per_user.get(user, 0) + 1
+        return PassThroughGate(Principal(user, role.name, role.unrestricted))
+
+    def gate_closed(self, user: str) -> None:
+        left = self.per_user.get(user, 1) - 1
+        if left > 0:
+            self.per_user[user] = left
+        else:
+            self.per_user.pop(user, None)
+
+    # --- keys and cancel -----------------------------------------------------
+
+    def new_key(self, conn: ClientConnection) -> tuple[int, bytes]:
+        while True:
+            pid = secrets.randbelow(0x7FFFFFFF) + 1
+            if pid not in self.connections:
+                self.connections[pid] = conn
+                return pid, secrets.token_bytes(4)
+
+    def cancel(self, pid: int, secret: bytes) -> None:
+        conn = self.connections.get(pid)
+        if conn is None or not hmac.compare_digest(conn.session.key[1], secret):
+            self.log.info("cancel.ignored")
+            return
+        target = conn.session.upstream_key
+        if target is None:
+            return
+        self.log.info("cancel.forwarded", session=conn.sid)
+        self.spawn(self._send_cancel(*target))
+
+    async def _send_cancel(self, pid: int, secret: bytes) -> None:
+        try:
+            await send_cancel(self.settings.upstream, self.upstream_ssl, pid, secret)
+        except PgWardenError as exc:
+            self.log.warning("upstream.error", error=exc.message, during="cancel")
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def serve(self) -> int:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: ClientConnection(self),
+            s.listen_host,
+            s.listen_port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self.log.info(
+            "startup",
+            listen=f"{s.listen_host}:{s.listen_port}",
+            upstream=s.upstream.dsn,
+            policy=str(s.policy),
+            policy_hash=self.policy.version_hash,
+            pid=os.getpid(),
+        )
+        housekeeping = asyncio.ensure_future(self._housekeeping())
+        await self._stopping.wait()
+        await self._shutdown()
+        housekeeping.cancel()
+        return 0
+
+    async def _shutdown(self) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        live = list(self.connections.values())
+        self.log.info("shutdown", sessions=len(live))
+        for conn in live:
+            conn.shutdown()
+        deadline = time.monotonic() + self.settings.limits.shutdown_timeout_s
+        while self.connections and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a dict
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections.values()):
+            conn.abort("shutdown timeout")
+        await asyncio.sleep(0)
+
+    async def _housekeeping(self) -> None:
+        limits = self.settings.limits
+        interval = max(0.05, min(1.0, limits.startup_timeout_s / 4, limits.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                conn.check_timeouts(now)
+
+
+class ClientConnection(asyncio.Protocol):
+    """Adapter between a client socket, its Session and its upstream socket."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.sid = secrets.token_hex(6)
+        self.session = Session(server.session_config, server.new_key(self))
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.log = server.log.bind(session=self.sid)
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed = False
+
+    # asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = self.transport.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.log = self.log.bind(client=client)
+        server = self.server
+        server.total_connections += 1
+        if len(server.connections) > server.settings.limits.max_connections:
+            self.log.warning("conn.refused", reason="max_connections")
+            self.transport.write(
+                be.error_response("FATAL", "53300", "pgwarden: sorry, too many clients already")
+            )
+            self._close("max_connections")
+            return
+        self.log.info("conn.opened")
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.bytes_in += len(data)
+        try:
+            self.session.client_data(data)
+        except Exception:  # our own bug: close this connection, keep the process
+            self.log.exception("internal.error", where="client_data")
+            self.abort("internal error")
+            return
+        self.drain()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close("client disconnected")
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # from the upstream side ---------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        try:
+            self.session.server_data(data)
+        except Exception:
+            self.log.exception("internal.error", where="server_data")
+            self.abort("internal error")
+            return
+        self.drain()
+
+    def server_lost(self) -> None:
+        if not self.closed:
+            self.session.server_closed()
+            self.drain()
+
+    # draining the session -------------------------------------------------------
+
+    def drain(self) -> None:
+        s = self.session
+        if s.to_server:
+            if self.upstream is not None:
+                self.upstream.write(s.to_server)
+            s.to_server.clear()
+        if s.to_client:
+            if self.transport is not None and not self.closed:
+                self.bytes_out += sum(len(b) for b in s.to_client)
+                self.transport.writelines(s.to_client)
+            s.to_client.clear()
+        if s.events:
+            self._log_events()
+        if s.actions:
+            actions = list(s.actions)
+            s.actions.clear()
+            for action in actions:
+                self._act(action)
+
+    def _log_events(self) -> None:
+        for event, fields in self.session.events:
+            if event == "auth.ok":
+                self.log = self.log.bind(user=fields["user"], role=fields["role"])
+                self.log.info(event)
+            elif event == "auth.failed":
+                self.log.warning(event, **fields)
+            else:
+                self.log.warning(event, **fields)
+        self.session.events.clear()
+
+    def _act(self, action: object) -> None:
+        if isinstance(action, Close):
+            self._close(action.reason)
+        elif isinstance(action, StartTLS):
+            self.server.spawn(self._start_tls())
+        elif isinstance(action, ConnectUpstream):
+            self.server.spawn(self._connect_upstream())
+        elif isinstance(action, Cancel):
+            self.server.cancel(action.pid, action.secret)
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None
+        assert self.server.client_ssl is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport,
+                self,
+                self.server.client_ssl,
+                server_side=True,
+                ssl_handshake_timeout=self.server.settings.limits.startup_timeout_s,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self.log.info("tls.failed", error=type(exc).__name__)
+            self.abort("tls handshake failed")
+            return
+        if transport is None or self.closed:
+            self.abort("tls handshake failed")
+            return
+        self.transport = transport
+        self.session.tls_established()
+        self.drain()
+
+    async def _connect_upstream(self) -> None:
+        server = self.server
+        try:
+            transport = await open_upstream(
+                server.settings.upstream, server.upstream_ssl, lambda: UpstreamConnection(self)
+            )
+        except PgWardenError as exc:
+            if not self.closed:
+                self.session.upstream_failed(exc.message)
+                self.drain()
+            return
+        if self.closed:
+            transport.close()
+            return
+        self.session.upstream_connected()
+        self.drain()
+
+    # closing ----------------------------------------------------------------------
+
+    def check_timeouts(self, now: float) -> None:
+        limits = self.server.settings.limits
+        if self.session.phase is not Phase.READY:
+            if now - self.started > limits.startup_timeout_s:
+                self.log.info("conn.timeout", phase=self.session.phase.value)
+                self.session.timed_out("startup")
+                self.drain()
+        elif self.session.at_rest and now - self.last_activity > limits.idle_timeout_s:
+            self.log.info("conn.timeout", phase="idle")
+            self.session.timed_out("idle")
+            self.drain()
+
+    def shutdown(self) -> None:
+        self.session.request_shutdown()
+        self.drain()
+
+    def abort(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        server = self.server
+        s = self.session
+        server.connections.pop(s.key[0], None)
+        if s.gate is not None and s.user is not None:
+            server.gate_closed(s.user)
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.transport is not None:
+            self.transport.close()
+        self.log.info(
+            "conn.closed",
+            reason=reason,
+            statements=s.statements,
+            rows=s.rows,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            duration_s=round(time.monotonic() - self.started, 3),
+        )
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """The service-account connection that serves one client."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.client.upstream = self
+
+    def data_received(self, data: bytes) -> None:
+        self.client.server_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.client.server_lost()
+
+    def pause_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None and not self.client.closed:
+            self.client.transport.resume_reading()
+
+    def write(self, chunks: list[bytes | memoryview]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(chunks)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    audit.configure(settings.log_format, settings.log_level)
+    if settings.workers != 1:
+        raise ConfigError("workers", "more than one worker is not available in this version")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.run(_main(settings))
+    return uvloop.run(_main(settings))
+
+
+async def _main(settings: Settings) -> int:
+    server = Server(settings)
+    with suppress(asyncio.CancelledError):
+        return await server.serve()
+    return 0

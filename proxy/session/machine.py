@@ -1,0 +1,604 @@
+"""The session state machine: one client connection, from first byte to close.
+
+Strategy (h11-style, no I/O): the network layer feeds `client_data`,
+`server_data` and lifecycle events in; the session appends bytes to
+`to_client` / `to_server`, control requests to `actions` and audit facts to
+`events`, and the network layer drains all four after each call.
+
+Phases, in order (any other transition is an error):
+
+    STARTUP --SSLRequest--> TLS --tls_established--> STARTUP
+    STARTUP --StartupMessage--> AUTH_INITIAL --SASLInitial--> AUTH_FINAL
+    AUTH_FINAL --SASLResponse ok + role--> CONNECTING --upstream_connected-->
+    UPSTREAM_LOGIN --ReadyForQuery--> READY --Terminate/fault--> CLOSED
+    STARTUP --CancelRequest--> CLOSED
+
+Rules:
+* The client authenticates to pgwarden before any upstream connection exists.
+* In READY every statement (Query, Parse) goes through the Gate first; a
+  refused one is answered in order through the Pipeline, and nothing of it
+  reaches the server.
+* Server bytes are relayed in place: headers are scanned with unpack_from,
+  runs of messages are forwarded as memoryview slices, DataRows are only
+  counted, and very large DataRow/CopyData messages are streamed, not buffered.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from proxy.auth import ScramSecret, ScramServerExchange
+from proxy.errors import (
+    AuthFailed,
+    PgWardenError,
+    PolicyRefusal,
+    ProtocolViolation,
+    StartupRefused,
+    UpstreamUnavailable,
+)
+from proxy.session.gate import Allow, Gate
+from proxy.session.pipeline import Expect, Pipeline
+from proxy.session.startup import filter_params
+from proxy.session.upstream import UpstreamLogin
+from proxy.wire import backend as be
+from proxy.wire import frontend as fe
+from proxy.wire.buffer import Framer, StartupFramer
+
+_LEN = struct.Struct("!I")
+_AUTH_MESSAGE_MAX = 8192
+_SERVER_MESSAGE_MAX = 256 << 20  # non-row server messages are buffered whole
+_STREAM_FROM = 256 << 10  # DataRow/CopyData larger than this are streamed through
+_SERVER_READY_TYPES = frozenset(b"DTtnCIs123GHcdENASZ")
+
+
+class Phase(Enum):
+    STARTUP = "startup"
+    TLS = "tls"
+    AUTH_INITIAL = "auth_initial"
+    AUTH_FINAL = "auth_final"
+    CONNECTING = "connecting"
+    UPSTREAM_LOGIN = "upstream_login"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Upgrade the client connection to TLS (server side) now."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectUpstream:
+    """Open the upstream connection, then call upstream_connected()."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The client asked to cancel the session holding this key."""
+
+    pid: int
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Flush to_client, then close both connections."""
+
+    reason: str
+
+
+Action = StartTLS | ConnectUpstream | Cancel | Close
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    users: Mapping[str, ScramSecret]
+    open_gate: Callable[[str], Gate | None]  # user -> gate, None when the user has no role
+    database: str
+    upstream_user: str
+    upstream_password: str | None
+    tls_available: bool
+    tls_required: bool
+    max_message_bytes: int
+
+
+class Session:
+    """One client connection. Not thread-safe; driven by one network layer."""
+
+    def __init__(self, config: SessionConfig, key: tuple[int, bytes]) -> None:
+        self.config = config
+        self.key = key
+        self.phase = Phase.STARTUP
+        self.to_client: list[bytes | memoryview] = []
+        self.to_server: list[bytes | memoryview] = []
+        self.actions: list[Action] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.secure = False
+        self.user: str | None = None
+        self.gate: Gate | None = None
+        self.upstream_key: tuple[int, bytes] | None = None
+        self.application_name = ""
+        self.statements = 0
+        self.rows = 0
+        self.closing = False
+        self.pipeline = Pipeline()
+        self._startup = StartupFramer()
+        self._framer = Framer(_AUTH_MESSAGE_MAX)
+        self._scram: ScramServerExchange | None = None
+        self._login: UpstreamLogin | None = None
+        self._early = b""
+        self._upstream_params: tuple[tuple[str, str], ...] = ()
+        self._prepared: set[str] = set()
+        self._skipping = False
+        self._stmt_rows = 0
+        self._tail = b""
+        self._stream_left = 0
+        self._ready_handlers: dict[int, Callable[[bytes], None]] = {
+            fe.QUERY: self._on_query,
+            fe.PARSE: self._on_parse,
+            fe.BIND: self._on_bind,
+            fe.DESCRIBE: self._on_describe,
+            fe.EXECUTE: self._on_execute,
+            fe.CLOSE: self._on_close,
+            fe.SYNC: self._on_sync,
+            fe.FLUSH: self._on_flush,
+            fe.COPY_DATA: self._on_copy_data,
+            fe.COPY_DONE: self._on_copy_end,
+            fe.COPY_FAIL: self._on_copy_end,
+            fe.FUNCTION_CALL: self._on_function_call,
+            fe.TERMINATE: self._on_terminate,
+        }
+
+    # --- events from the network layer ----------------------------------
+
+    @property
+    def at_rest(self) -> bool:
+        """Ready for a new statement: nothing in flight, no COPY."""
+        return self.phase is Phase.READY and self.pipeline.idle
+
+    def client_data(self, data: bytes) -> None:
+        try:
+            if self.phase is Phase.STARTUP:
+                self._startup_data(data)
+            elif self.phase in (Phase.AUTH_INITIAL, Phase.AUTH_FINAL):
+                self._auth_data(data)
+            elif self.phase is Phase.READY:
+                self._ready_data(data)
+            elif self.phase in (Phase.CONNECTING, Phase.UPSTREAM_LOGIN):
+                self._buffer_early(data)
+            elif self.phase is Phase.TLS:
+                raise ProtocolViolation("pgwarden: data received during TLS negotiation")
+        except PgWardenError as exc:
+            self._fatal(exc)
+
+    def server_data(self, data: bytes) -> None:
+        try:
+            if self.phase is Phase.READY:
+                self._relay(data)
+            elif self.phase is Phase.UPSTREAM_LOGIN:
+                self._login_data(data)
+            elif self.phase is not Phase.CLOSED:
+                raise ProtocolViolation("pgwarden: server spoke out of turn")
+        except UpstreamUnavailable as exc:
+            self._upstream_fatal(exc)
+        except ProtocolViolation as exc:
+            self.events.append(("upstream.error", {"error": exc.message}))
+            self._fatal(UpstreamUnavailable("pgwarden: protocol error from the database server"))
+        if self.closing and self.at_rest:
+            self._shutdown_now()
+
+    def tls_established(self) -> None:
+        self._expect(Phase.TLS)
+        self.secure = True
+        self.phase = Phase.STARTUP
+
+    def upstream_connected(self) -> None:
+        self._expect(Phase.CONNECTING)
+        assert self.user is not None
+        params = [("database", self.config.database), *self._upstream_params]
+        self._login = UpstreamLogin(
+            self.config.upstream_user, self.config.upstream_password, params
+        )
+        self.to_server.append(self._login.startup_packet())
+        self.phase = Phase.UPSTREAM_LOGIN
+
+    def upstream_failed(self, detail: str) -> None:
+        self._upstream_fatal(UpstreamUnavailable(detail))
+
+    def timed_out(self, what: str) -> None:
+        if what == "startup":
+            self._fatal(ProtocolViolation("pgwarden: startup timed out; closing"))
+        else:
+            self._fatal(
+                PgWardenError(
+                    "pgwarden: terminating connection due to idle timeout",
+                    sqlstate="57P05",
+                ),
+                severity="FATAL",
+            )
+
+    def request_shutdown(self) -> None:
+        """Finish the running statement, then close (graceful shutdown)."""
+        self.closing = True
+        if self.phase is not Phase.READY or self.pipeline.idle:
+            self._shutdown_now()
+
+    def server_closed(self) -> None:
+        if self.phase is not Phase.CLOSED:
+            self._fatal(UpstreamUnavailable("pgwarden: the database server closed the connection"))
+
+    # --- startup and authentication ---------------------------------------
+
+    def _startup_data(self, data: bytes) -> None:
+        msg = self._startup.feed(data)
+        while msg is not None and self.phase is Phase.STARTUP:
+            self._startup_message(fe.decode_startup_form(msg))
+            msg = self._startup.feed(b"") if self.phase is Phase.STARTUP else None
+
+    def _startup_message(self, form: fe.StartupForm) -> None:
+        if isinstance(form, fe.SSLRequest):
+            self._ssl_request()
+        elif isinstance(form, fe.GSSEncRequest):
+            self.to_client.append(b"N")
+        elif isinstance(form, fe.CancelRequest):
+            self.actions.append(Cancel(form.pid, form.secret))
+            self.actions.append(Close("cancel request"))
+            self.phase = Phase.CLOSED
+        else:
+            self._startup_packet(form)
+
+    def _ssl_request(self) -> None:
+        if self.secure:
+            raise ProtocolViolation("pgwarden: SSLRequest on an encrypted connection")
+        if not self.config.tls_available:
+            self.to_client.append(b"N")
+            return
+        if self._startup.pending():  # bytes after SSLRequest would bypass TLS
+            raise ProtocolViolation("pgwarden: unencrypted data after SSLRequest")
+        self.to_client.append(b"S")
+        self.actions.append(StartTLS())
+        self.phase = Phase.TLS
+
+    def _startup_packet(self, form: fe.Startup) -> None:
+        if self.config.tls_required and not self.secure:
+            raise StartupRefused(
+                "pgwarden: TLS is required; connect with sslmode=require or stronger"
+            )
+        params = filter_params(form.params)
+        if params.database != self.config.database:
+            raise StartupRefused(
+                f'pgwarden: database "{params.database}" is not served here',
+                hint=f'Connect to database "{self.config.database}".',
+                sqlstate="3D000",
+            )
+        if form.minor > 0 or params.declined_options:
+            self.to_client.append(be.negotiate_protocol_version(0, list(params.declined_options)))
+        self.user = params.user
+        self.application_name = params.application_name
+        self._upstream_params = params.upstream
+        self._scram = ScramServerExchange(params.user, self.config.users.get(params.user))
+        self.to_client.append(be.auth_sasl(ScramServerExchange.MECHANISMS))
+        self.phase = Phase.AUTH_INITIAL
+        rest = self._startup.take_rest()
+        if rest:
+            self._auth_data(rest)
+
+    def _auth_data(self, data: bytes) -> None:
+        messages = self._framer.feed(data)
+        for i, (mtype, msg) in enumerate(messages):
+            if mtype != fe.PASSWORD:
+                raise ProtocolViolation(
+                    f"pgwarden: expected a password message, got {chr(mtype)!r}"
+                )
+            try:
+                self._auth_message(msg)
+            except AuthFailed:
+                self.events.append(("auth.failed", {"user": self.user}))
+                raise
+            if self.phase is not Phase.AUTH_FINAL:  # logged in: the rest waits for READY
+                rest = b"".join(m for _, m in messages[i + 1 :])
+                self._buffer_early(rest + self._framer.take_rest())
+                return
+
+    def _auth_message(self, msg: bytes) -> None:
+        assert self._scram is not None
+        if self.phase is Phase.AUTH_INITIAL:
+            mechanism, first = fe.decode_sasl_initial(msg)
+            reply = self._scram.client_first(mechanism, first)
+            self.to_client.append(be.auth_request(be.AUTH_SASL_CONTINUE, reply))
+            self.phase = Phase.AUTH_FINAL
+            return
+        final = self._scram.client_final(fe.decode_sasl_response(msg))
+        self._scram = None
+        assert self.user is not None
+        gate = self.config.open_gate(self.user)
+        if gate is None:
+            self.events.append(("auth.failed", {"user": self.user, "reason": "no role"}))
+            raise StartupRefused(
+                f'pgwarden: user "{self.user}" has no role in the policy',
+                hint="Ask the security team to add you to a role.",
+            )
+        self.gate = gate
+        self.events.append(("auth.ok", {"user": self.user, "role": gate.principal.role}))
+        self.to_client.append(be.auth_request(be.AUTH_SASL_FINAL, final))
+        self.to_client.append(be.auth_request(be.AUTH_OK))
+        self.phase = Phase.CONNECTING
+        self.actions.append(ConnectUpstream())
+
+    def _buffer_early(self, data: bytes) -> None:
+        self._early += data
+        if len(self._early) > self.config.max_message_bytes:
+            raise ProtocolViolation("pgwarden: too much data before the session was ready")
+
+    def _login_data(self, data: bytes) -> None:
+        assert self._login is not None
+        reply = self._login.feed(data)
+        if reply:
+            self.to_server.append(reply)
+        if not self._login.done:
+            return
+        login, self._login = self._login, None
+        self.upstream_key = login.key
+        for name, value in login.params:
+            self.to_client.append(be.parameter_status(name, value))
+        self.to_client.append(be.backend_key_data(*self.key))
+        self.to_client.append(be.ready_for_query(login.status))
+        self.pipeline.ready_status(login.status)
+        self.phase = Phase.READY
+        self._framer = Framer(self.config.max_message_bytes)
+        early, self._early = self._early, b""
+        if early:
+            self._ready_data(early)
+
+    # --- READY: client to server -------------------------------------------
+
+    def _ready_data(self, data: bytes) -> None:
+        handlers = self._ready_handlers
+        for mtype, msg in self._framer.feed(data):
+            handler = handlers.get(mtype)
+            if handler is None:
+                raise ProtocolViolation(f"pgwarden: unexpected message type {chr(mtype)!r}")
+            if self.pipeline.copy_in and mtype not in _COPY_IN_ALLOWED:
+                raise ProtocolViolation(
+                    f"pgwarden: unexpected message type {chr(mtype)!r} during COPY"
+                )
+            handler(msg)
+            if self.phase is Phase.CLOSED:
+                return
+
+    def _blocked(self) -> bool:
+        """After a refusal (ours or the server's) messages up to Sync are dropped."""
+        return self._skipping or self.pipeline.discarding
+
+    def _on_query(self, msg: bytes) -> None:
+        if self._blocked():
+            return
+        assert self.gate is not None
+        self.statements += 1
+        verdict = self.gate.check_statement(fe.decode_query(msg), extended=False)
+        self._prepared.discard("")  # a simple Query drops the unnamed statement
+        if isinstance(verdict, Allow):
+            self.to_server.append(msg if verdict.sql is None else fe.encode_query(verdict.sql))
+            self.pipeline.sent(Expect.QUERY)
+        else:
+            self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
+
+    def _on_parse(self, msg: bytes) -> None:
+        if self._blocked():
+            return
+        assert self.gate is not None
+        parse = fe.decode_parse(msg)
+        self.statements += 1
+        verdict = self.gate.check_statement(parse.query, extended=True)
+        if isinstance(verdict, Allow):
+            if verdict.sql is not None:
+                msg = fe.encode_parse(parse.name, verdict.sql, parse.param_types)
+            self._forward(msg, Expect.PARSE)
+            self._prepared.add(parse.name)
+        else:
+            self._prepared.discard(parse.name)
+            self._refuse_extended(verdict.error)
+
+    def _on_bind(self, msg: bytes) -> None:
+        if self._blocked():
+            return
+        _, statement = fe.decode_bind_names(msg)
+        if statement not in self._prepared:
+            self._refuse_extended(
+                PolicyRefusal(
+                    f'pgwarden: prepared statement "{statement}" was not prepared through '
+                    "pgwarden's Parse",
+                    sqlstate="26000",
+                )
+            )
+            return
+        self._forward(msg, Expect.BIND)
+
+    def _on_describe(self, msg: bytes) -> None:
+        if self._blocked():
+            return
+        target, _ = fe.decode_target(msg)
+        kind = Expect.DESCRIBE_STATEMENT if target == ord("S") else Expect.DESCRIBE_PORTAL
+        self._forward(msg, kind)
+
+    def _on_execute(self, msg: bytes) -> None:
+        if not self._blocked():
+            self._forward(msg, Expect.EXECUTE)
+
+    def _on_close(self, msg: bytes) -> None:
+        if self._blocked():
+            return
+        target, name = fe.decode_target(msg)
+        if target == ord("S"):
+            self._prepared.discard(name)
+        self._forward(msg, Expect.CLOSE)
+
+    def _on_sync(self, msg: bytes) -> None:
+        self.to_server.append(msg)
+        if self.pipeline.copy_in:  # ignored by the server during COPY FROM STDIN
+            return
+        self._skipping = False
+        self.pipeline.sent_sync()
+
+    def _on_flush(self, msg: bytes) -> None:
+        self.to_server.append(msg)
+
+    def _on_copy_data(self, msg: bytes) -> None:
+        if self.pipeline.copy_in:  # outside COPY the server drops it too
+            self.to_server.append(msg)
+
+    def _on_copy_end(self, msg: bytes) -> None:
+        if self.pipeline.copy_in:
+            self.to_server.append(msg)
+            self.pipeline.copy_finished()
+
+    def _on_function_call(self, msg: bytes) -> None:
+        refusal = PolicyRefusal(
+            "pgwarden: the fastpath function call interface is not allowed",
+            hint="Call functions from a SELECT statement.",
+        )
+        self._reply(self.pipeline.refuse(_error(refusal), ready=True))
+
+    def _on_terminate(self, msg: bytes) -> None:
+        self.to_server.append(msg)
+        self.actions.append(Close("client terminated"))
+        self.phase = Phase.CLOSED
+
+    def _forward(self, msg: bytes, kind: Expect) -> None:
+        self.to_server.append(msg)
+        self.pipeline.sent(kind)
+
+    def _refuse_extended(self, error: PgWardenError) -> None:
+        self._skipping = True
+        self._reply(self.pipeline.refuse(_error(error), ready=False))
+
+    def _reply(self, data: bytes) -> None:
+        if data:
+            self.to_client.append(data)
+
+    # --- READY: server to client (the hot path) ------------------------------
+
+    def _relay(self, data: bytes) -> None:
+        if self._stream_left:
+            data = self._stream(data)
+        if self._tail:
+            data = self._tail + data
+            self._tail = b""
+        if data:
+            self._scan(data)
+
+    def _stream(self, data: bytes) -> bytes:
+        """Pass through the rest of a large DataRow/CopyData message."""
+        n = min(self._stream_left, len(data))
+        self.to_client.append(memoryview(data)[:n])
+        self._stream_left -= n
+        return data[n:] if n < len(data) else b""
+
+    def _scan(self, data: bytes) -> None:
+        out = self.to_client
+        view = memoryview(data)
+        unpack = _LEN.unpack_from
+        n = len(data)
+        pos = run = rows = 0
+        while n - pos >= 5:
+            mtype = data[pos]
+            length = unpack(data, pos + 1)[0]
+            end = pos + 1 + length
+            if length < 4:
+                raise ProtocolViolation("pgwarden: invalid message length from server")
+            if mtype == 68:  # DataRow: count it, forward it untouched
+                if end > n:
+                    break
+                rows += 1
+                pos = end
+                continue
+            if end > n:
+                break
+            if rows:
+                self._stmt_rows += rows
+                rows = 0
+            extra = self._server_message(mtype, data, pos, end)
+            pos = end
+            if extra:
+                out.append(view[run:pos])
+                out.append(extra)
+                run = pos
+        self._stmt_rows += rows
+        if run < pos:
+            out.append(view[run:pos])
+        if pos < n:
+            self._keep_tail(data, view, pos)
+
+    def _keep_tail(self, data: bytes, view: memoryview, pos: int) -> None:
+        n = len(data)
+        if n - pos >= 5:
+            length = _LEN.unpack_from(data, pos + 1)[0]
+            mtype = data[pos]
+            if length < 4:
+                raise ProtocolViolation("pgwarden: invalid message length from server")
+            if mtype in (68, 100) and length > _STREAM_FROM:
+                if mtype == 68:
+                    self._stmt_rows += 1
+                self.to_client.append(view[pos:n])
+                self._stream_left = pos + 1 + length - n
+                return
+            if length > _SERVER_MESSAGE_MAX:
+                raise ProtocolViolation("pgwarden: oversized message from server")
+        self._tail = data[pos:]
+
+    def _server_message(self, mtype: int, data: bytes, pos: int, end: int) -> bytes:
+        if mtype not in _SERVER_READY_TYPES:
+            raise ProtocolViolation(f"pgwarden: unexpected message {chr(mtype)!r} from server")
+        if mtype == be.READY_FOR_QUERY:
+            self.pipeline.ready_status(data[pos + 5 : pos + 6])
+        completes, extra = self.pipeline.on_server(mtype)
+        if completes:
+            assert self.gate is not None
+            self.gate.rows_returned(self._stmt_rows)
+            self.rows += self._stmt_rows
+            self._stmt_rows = 0
+        return extra
+
+    # --- closing -------------------------------------------------------------
+
+    def _expect(self, phase: Phase) -> None:
+        if self.phase is not phase:
+            raise RuntimeError(f"session event in phase {self.phase.value}, expected {phase.value}")
+
+    def _fatal(self, exc: PgWardenError, severity: str | None = None) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        sev = severity or ("FATAL" if exc.severity == "ERROR" else exc.severity)
+        self.to_client.append(be.error_response(sev, exc.sqlstate, exc.message, exc.hint))
+        if self.phase is Phase.READY:
+            self.to_server.append(fe.TERMINATE_MESSAGE)
+        self.actions.append(Close(exc.message))
+        self.phase = Phase.CLOSED
+
+    def _upstream_fatal(self, exc: UpstreamUnavailable) -> None:
+        self.events.append(("upstream.error", {"error": exc.message}))
+        self._fatal(
+            UpstreamUnavailable(
+                "pgwarden: upstream database unavailable",
+                hint="pgwarden itself is running; try again shortly or contact the DBA.",
+            )
+        )
+
+    def _shutdown_now(self) -> None:
+        self._fatal(
+            PgWardenError(
+                "pgwarden: terminating connection due to administrator command",
+                sqlstate="57P01",
+            )
+        )
+
+
+_COPY_IN_ALLOWED = frozenset({fe.COPY_DATA, fe.COPY_DONE, fe.COPY_FAIL, fe.SYNC, fe.FLUSH})
+
+
+def _error(exc: PgWardenError) -> bytes:
+    return be.error_response("ERROR", exc.sqlstate, exc.message, exc.hint)
