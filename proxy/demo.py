@@ -157,7 +157,6 @@ def _print_banner(pg: PgServer, listen: str, config: Path) -> None:
         "",
         f"pgwarden demo: PostgreSQL on {pg.host}:{pg.port}, pgwarden on {listen}",
         f"  config {config}",
-        f"  metrics http://{METRICS_LISTEN}/metrics",
         "",
         "Connect as:",
     ]
@@ -167,7 +166,9 @@ def _print_banner(pg: PgServer, listen: str, config: Path) -> None:
         lines.append(f'    PGPASSWORD={password} {psql} "{conninfo}"')
     lines += [
         "",
-        "Try: SELECT * FROM customers WHERE id = 1;   SELECT count(*) FROM customers;",
+        "Try (as dora): SELECT * FROM customers WHERE id = 1;   SELECT count(*) FROM customers;",
+        "Restricted roles (support, analyst) log in, but their statements are refused until",
+        "the policy engine lands: pgwarden fails closed rather than show raw values.",
         "Ctrl-C stops pgwarden and PostgreSQL.",
         "",
     ]

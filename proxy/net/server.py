@@ -32,7 +32,7 @@ from proxy.auth import load_users
 from proxy.errors import ConfigError, PgWardenError, StartupRefused
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
 from proxy.policy import Policy, load_policy
-from proxy.session.gate import Gate, PassThroughGate, Principal
+from proxy.session.gate import Gate, Principal, gate_for
 from proxy.session.machine import (
     Cancel,
     Close,
@@ -96,7 +96,7 @@ class Server:
                 sqlstate="53300",
             )
         self.per_user[user] = self.per_user.get(user, 0) + 1
-        return PassThroughGate(Principal(user, role.name, role.unrestricted))
+        return gate_for(Principal(user, role.name, role.unrestricted))
 
     def gate_closed(self, user: str) -> None:
         left = self.per_user.get(user, 1) - 1

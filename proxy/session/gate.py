@@ -6,6 +6,10 @@ A Gate answers with one of a closed set of verdicts. In the foundation the only
 gate is PassThroughGate (the role is resolved, everything is allowed); the
 policy engine plugs in by providing another Gate, without touching the codec
 or the session.
+
+Fail closed: until the policy engine exists, a restricted role cannot be
+checked, so its statements are refused (RestrictedUnavailableGate) rather than
+passed through with raw values. Unrestricted roles pass through untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.errors import PgWardenError
+from proxy.errors import PgWardenError, PolicyRefusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,3 +75,29 @@ class PassThroughGate:
 
     def rows_returned(self, count: int) -> None:
         return None
+
+
+class RestrictedUnavailableGate(PassThroughGate):
+    """For restricted roles while no policy engine is present: refuse, never leak."""
+
+    __slots__ = ("_refusal",)
+
+    def __init__(self, principal: Principal) -> None:
+        super().__init__(principal)
+        self._refusal = Refuse(
+            PolicyRefusal(
+                f'pgwarden: role "{principal.role}" is restricted and this pgwarden '
+                "version cannot enforce column policies yet; statement refused",
+                hint="Only unrestricted roles can run statements in this version.",
+            )
+        )
+
+    def check_statement(self, sql: str, *, extended: bool) -> Verdict:
+        return self._refusal
+
+
+def gate_for(principal: Principal) -> Gate:
+    """The gate the foundation gives a principal."""
+    if principal.unrestricted:
+        return PassThroughGate(principal)
+    return RestrictedUnavailableGate(principal)
