@@ -273,8 +273,9 @@ class ClientConnection(asyncio.Protocol):
             s.to_server.clear()
         if s.to_client:
             if self.transport is not None and not self.closed:
-                self.bytes_out += sum(len(b) for b in s.to_client)
-                self.transport.writelines(s.to_client)
+                out = s.to_client[0] if len(s.to_client) == 1 else b"".join(s.to_client)
+                self.bytes_out += len(out)
+                self.transport.write(out)
             s.to_client.clear()
         if s.events:
             self._log_events()
@@ -420,7 +421,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, chunks: list[bytes | memoryview]) -> None:
         if self.transport is not None:
-            self.transport.writelines(chunks)
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def pause_reading(self) -> None:
         if self.transport is not None:

@@ -34,14 +34,16 @@ from typing import Any
 from proxy.auth import ScramSecret, ScramServerExchange
 from proxy.errors import (
     AuthFailed,
+    MessageTooLarge,
     PgWardenError,
     PolicyRefusal,
     ProtocolViolation,
     StartupRefused,
     UpstreamUnavailable,
 )
+from proxy.session import pipeline as pl
 from proxy.session.gate import Allow, Gate
-from proxy.session.pipeline import Expect, Pipeline
+from proxy.session.pipeline import Pipeline
 from proxy.session.startup import filter_params
 from proxy.session.upstream import UpstreamLogin
 from proxy.wire import backend as be
@@ -52,7 +54,6 @@ _LEN = struct.Struct("!I")
 _AUTH_MESSAGE_MAX = 8192
 _SERVER_MESSAGE_MAX = 256 << 20  # non-row server messages are buffered whole
 _STREAM_FROM = 256 << 10  # DataRow/CopyData larger than this are streamed through
-_SERVER_READY_TYPES = frozenset(b"DTtnCIs123GHcdENASZ")
 
 
 class Phase(Enum):
@@ -132,12 +133,13 @@ class Session:
         self._login: UpstreamLogin | None = None
         self._early = b""
         self._upstream_params: tuple[tuple[str, str], ...] = ()
-        self._prepared: set[str] = set()
+        self._prepared: set[bytes] = set()
+        self._client_tail = b""
         self._skipping = False
         self._stmt_rows = 0
         self._tail = b""
         self._stream_left = 0
-        self._ready_handlers: dict[int, Callable[[bytes], None]] = {
+        self._ready_handlers: dict[int, Callable[[bytes, int, int], bool | bytes]] = {
             fe.QUERY: self._on_query,
             fe.PARSE: self._on_parse,
             fe.BIND: self._on_bind,
@@ -347,18 +349,35 @@ class Session:
             self.to_client.append(be.parameter_status(name, value))
         self.to_client.append(be.backend_key_data(*self.key))
         self.to_client.append(be.ready_for_query(login.status))
-        self.pipeline.ready_status(login.status)
+        self.pipeline.status = login.status
         self.phase = Phase.READY
-        self._framer = Framer(self.config.max_message_bytes)
         early, self._early = self._early, b""
         if early:
             self._ready_data(early)
 
     # --- READY: client to server -------------------------------------------
+    #
+    # The chunk is scanned in place like the server side: a handler returns
+    # True to forward its message unchanged (it stays in the current run of
+    # bytes) or the bytes to send instead (b"" to drop it). Most chunks are
+    # forwarded as the very object the socket delivered.
 
     def _ready_data(self, data: bytes) -> None:
+        if self._client_tail:
+            data = self._client_tail + data
+            self._client_tail = b""
         handlers = self._ready_handlers
-        for mtype, msg in self._framer.feed(data):
+        cap = self.config.max_message_bytes
+        out = self.to_server
+        n = len(data)
+        pos = run = 0
+        while n - pos >= 5:
+            mtype = data[pos]
+            length = _LEN.unpack_from(data, pos + 1)[0]
+            _check_length(length, cap)
+            end = pos + 1 + length
+            if end > n:
+                break
             handler = handlers.get(mtype)
             if handler is None:
                 raise ProtocolViolation(f"pgwarden: unexpected message type {chr(mtype)!r}")
@@ -366,115 +385,144 @@ class Session:
                 raise ProtocolViolation(
                     f"pgwarden: unexpected message type {chr(mtype)!r} during COPY"
                 )
-            handler(msg)
+            result = handler(data, pos, end)
+            if result is not True:
+                if run < pos:
+                    out.append(memoryview(data)[run:pos])
+                if result:
+                    out.append(result)
+                run = end
+            pos = end
             if self.phase is Phase.CLOSED:
-                return
+                break
+        if run == 0 and pos == n:
+            out.append(data)
+        elif run < pos:
+            out.append(memoryview(data)[run:pos])
+        if pos < n and self.phase is not Phase.CLOSED:
+            self._keep_client_tail(data, pos, cap)
+
+    def _keep_client_tail(self, data: bytes, pos: int, cap: int) -> None:
+        if len(data) - pos >= 5:  # refuse an oversized message before its body arrives
+            _check_length(_LEN.unpack_from(data, pos + 1)[0], cap)
+        self._client_tail = data[pos:]
 
     def _blocked(self) -> bool:
         """After a refusal (ours or the server's) messages up to Sync are dropped."""
         return self._skipping or self.pipeline.discarding
 
-    def _on_query(self, msg: bytes) -> None:
+    def _on_query(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
-            return
+            return b""
         assert self.gate is not None
         self.statements += 1
-        verdict = self.gate.check_statement(fe.decode_query(msg), extended=False)
-        self._prepared.discard("")  # a simple Query drops the unnamed statement
+        verdict = self.gate.check_statement(fe.decode_query(data[pos:end]), extended=False)
+        self._prepared.discard(b"")  # a simple Query drops the unnamed statement
         if isinstance(verdict, Allow):
-            self.to_server.append(msg if verdict.sql is None else fe.encode_query(verdict.sql))
-            self.pipeline.sent(Expect.QUERY)
-        else:
-            self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
+            self.pipeline.sent(pl.QUERY)
+            return True if verdict.sql is None else fe.encode_query(verdict.sql)
+        self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
+        return b""
 
-    def _on_parse(self, msg: bytes) -> None:
+    def _on_parse(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
-            return
+            return b""
         assert self.gate is not None
-        parse = fe.decode_parse(msg)
+        parse = fe.decode_parse(data[pos:end])
+        name = parse.name.encode()
         self.statements += 1
         verdict = self.gate.check_statement(parse.query, extended=True)
         if isinstance(verdict, Allow):
-            if verdict.sql is not None:
-                msg = fe.encode_parse(parse.name, verdict.sql, parse.param_types)
-            self._forward(msg, Expect.PARSE)
-            self._prepared.add(parse.name)
-        else:
-            self._prepared.discard(parse.name)
-            self._refuse_extended(verdict.error)
+            self.pipeline.sent(pl.PARSE)
+            self._prepared.add(name)
+            if verdict.sql is None:
+                return True
+            return fe.encode_parse(parse.name, verdict.sql, parse.param_types)
+        self._prepared.discard(name)
+        return self._refuse_extended(verdict.error)
 
-    def _on_bind(self, msg: bytes) -> None:
+    def _on_bind(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
-            return
-        _, statement = fe.decode_bind_names(msg)
+            return b""
+        portal_end = data.find(b"\0", pos + 5, end)
+        name_end = data.find(b"\0", portal_end + 1, end)
+        if portal_end < 0 or name_end < 0:
+            raise ProtocolViolation("pgwarden: malformed Bind message")
+        statement = data[portal_end + 1 : name_end]
         if statement not in self._prepared:
-            self._refuse_extended(
+            shown = statement.decode("utf-8", "replace")
+            return self._refuse_extended(
                 PolicyRefusal(
-                    f'pgwarden: prepared statement "{statement}" was not prepared through '
+                    f'pgwarden: prepared statement "{shown}" was not prepared through '
                     "pgwarden's Parse",
                     sqlstate="26000",
                 )
             )
-            return
-        self._forward(msg, Expect.BIND)
+        self.pipeline.sent(pl.BIND)
+        return True
 
-    def _on_describe(self, msg: bytes) -> None:
+    def _on_describe(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
-            return
-        target, _ = fe.decode_target(msg)
-        kind = Expect.DESCRIBE_STATEMENT if target == ord("S") else Expect.DESCRIBE_PORTAL
-        self._forward(msg, kind)
+            return b""
+        target = data[pos + 5] if end - pos > 6 else 0
+        if target == 83:  # 'S'
+            self.pipeline.sent(pl.DESCRIBE_STATEMENT)
+        elif target == 80:  # 'P'
+            self.pipeline.sent(pl.DESCRIBE_PORTAL)
+        else:
+            raise ProtocolViolation("pgwarden: invalid Describe target")
+        return True
 
-    def _on_execute(self, msg: bytes) -> None:
-        if not self._blocked():
-            self._forward(msg, Expect.EXECUTE)
-
-    def _on_close(self, msg: bytes) -> None:
+    def _on_execute(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
-            return
-        target, name = fe.decode_target(msg)
+            return b""
+        self.pipeline.sent(pl.EXECUTE)
+        return True
+
+    def _on_close(self, data: bytes, pos: int, end: int) -> bool | bytes:
+        if self._blocked():
+            return b""
+        target, name = fe.decode_target(data[pos:end])
         if target == ord("S"):
-            self._prepared.discard(name)
-        self._forward(msg, Expect.CLOSE)
+            self._prepared.discard(name.encode())
+        self.pipeline.sent(pl.CLOSE)
+        return True
 
-    def _on_sync(self, msg: bytes) -> None:
-        self.to_server.append(msg)
-        if self.pipeline.copy_in:  # ignored by the server during COPY FROM STDIN
-            return
-        self._skipping = False
-        self.pipeline.sent_sync()
+    def _on_sync(self, data: bytes, pos: int, end: int) -> bool | bytes:
+        if not self.pipeline.copy_in:  # the server ignores Sync during COPY FROM STDIN
+            self._skipping = False
+            self.pipeline.sent_sync()
+        return True
 
-    def _on_flush(self, msg: bytes) -> None:
-        self.to_server.append(msg)
+    def _on_flush(self, data: bytes, pos: int, end: int) -> bool | bytes:
+        return True
 
-    def _on_copy_data(self, msg: bytes) -> None:
-        if self.pipeline.copy_in:  # outside COPY the server drops it too
-            self.to_server.append(msg)
+    def _on_copy_data(self, data: bytes, pos: int, end: int) -> bool | bytes:
+        return True if self.pipeline.copy_in else b""  # outside COPY the server drops it too
 
-    def _on_copy_end(self, msg: bytes) -> None:
-        if self.pipeline.copy_in:
-            self.to_server.append(msg)
-            self.pipeline.copy_finished()
+    def _on_copy_end(self, data: bytes, pos: int, end: int) -> bool | bytes:
+        if not self.pipeline.copy_in:
+            return b""
+        self.pipeline.copy_finished()
+        return True
 
-    def _on_function_call(self, msg: bytes) -> None:
+    def _on_function_call(self, data: bytes, pos: int, end: int) -> bool | bytes:
         refusal = PolicyRefusal(
             "pgwarden: the fastpath function call interface is not allowed",
             hint="Call functions from a SELECT statement.",
         )
         self._reply(self.pipeline.refuse(_error(refusal), ready=True))
+        return b""
 
-    def _on_terminate(self, msg: bytes) -> None:
-        self.to_server.append(msg)
+    def _on_terminate(self, data: bytes, pos: int, end: int) -> bool | bytes:
         self.actions.append(Close("client terminated"))
         self.phase = Phase.CLOSED
+        return True
 
-    def _forward(self, msg: bytes, kind: Expect) -> None:
-        self.to_server.append(msg)
-        self.pipeline.sent(kind)
-
-    def _refuse_extended(self, error: PgWardenError) -> None:
+    def _refuse_extended(self, error: PgWardenError) -> bytes:
         self._skipping = True
         self._reply(self.pipeline.refuse(_error(error), ready=False))
+        return b""
 
     def _reply(self, data: bytes) -> None:
         if data:
@@ -551,11 +599,8 @@ class Session:
         self._tail = data[pos:]
 
     def _server_message(self, mtype: int, data: bytes, pos: int, end: int) -> bytes:
-        if mtype not in _SERVER_READY_TYPES:
-            raise ProtocolViolation(f"pgwarden: unexpected message {chr(mtype)!r} from server")
-        if mtype == be.READY_FOR_QUERY:
-            self.pipeline.ready_status(data[pos + 5 : pos + 6])
-        completes, extra = self.pipeline.on_server(mtype)
+        status = data[pos + 5 : pos + 6] if mtype == 90 else b""  # ReadyForQuery
+        completes, extra = self.pipeline.on_server(mtype, status)
         if completes:
             assert self.gate is not None
             self.gate.rows_returned(self._stmt_rows)
@@ -598,6 +643,15 @@ class Session:
 
 
 _COPY_IN_ALLOWED = frozenset({fe.COPY_DATA, fe.COPY_DONE, fe.COPY_FAIL, fe.SYNC, fe.FLUSH})
+
+
+def _check_length(length: int, cap: int) -> None:
+    if length < 4:
+        raise ProtocolViolation(f"pgwarden: invalid message length {length}")
+    if length > cap:
+        raise MessageTooLarge(
+            f"pgwarden: message of {length} bytes exceeds the limit of {cap} bytes"
+        )
 
 
 def _error(exc: PgWardenError) -> bytes:
