@@ -25,8 +25,11 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# pgbouncer is the benchmark peer: Debian's package, installed when we can (root + apt).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/pgbench_select.py
+	command -v pgbouncer >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq pgbouncer) || true
+	$(BIN)/python benchmarks/pgbench_select.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
