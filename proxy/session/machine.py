@@ -48,12 +48,40 @@ from proxy.session.startup import filter_params
 from proxy.session.upstream import UpstreamLogin
 from proxy.wire import backend as be
 from proxy.wire import frontend as fe
-from proxy.wire.buffer import Framer, StartupFramer
+from proxy.wire.buffer import StartupFramer
 
 _LEN = struct.Struct("!I")
 _AUTH_MESSAGE_MAX = 8192
 _SERVER_MESSAGE_MAX = 256 << 20  # non-row server messages are buffered whole
 _STREAM_FROM = 256 << 10  # DataRow/CopyData larger than this are streamed through
+
+
+class _Pending:
+    """An incomplete message kept between reads.
+
+    It grows by appending, and is handed back only once the message is whole,
+    so a large message arriving in many small reads costs linear time.
+    """
+
+    __slots__ = ("buf", "need")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.need = 0  # total size at which the first message is complete
+
+    def add(self, data: bytes) -> bytes | None:
+        self.buf += data
+        if len(self.buf) < self.need:
+            return None
+        out = bytes(self.buf)
+        self.buf.clear()
+        self.need = 0
+        return out
+
+    def keep(self, data: bytes, pos: int) -> None:
+        rest = len(data) - pos
+        self.need = 1 + _LEN.unpack_from(data, pos + 1)[0] if rest >= 5 else 5
+        self.buf += memoryview(data)[pos:]
 
 
 class Phase(Enum):
@@ -128,16 +156,17 @@ class Session:
         self.closing = False
         self.pipeline = Pipeline()
         self._startup = StartupFramer()
-        self._framer = Framer(_AUTH_MESSAGE_MAX)
+        self._auth_buf = b""
         self._scram: ScramServerExchange | None = None
         self._login: UpstreamLogin | None = None
-        self._early = b""
+        self._early = bytearray()
+        self._replay = b""
         self._upstream_params: tuple[tuple[str, str], ...] = ()
         self._prepared: set[bytes] = set()
-        self._client_tail = b""
+        self._client_tail = _Pending()
         self._skipping = False
         self._stmt_rows = 0
-        self._tail = b""
+        self._tail = _Pending()
         self._stream_left = 0
         self._ready_handlers: dict[int, Callable[[bytes, int, int], bool | bytes]] = {
             fe.QUERY: self._on_query,
@@ -190,6 +219,9 @@ class Session:
         except ProtocolViolation as exc:
             self.events.append(("upstream.error", {"error": exc.message}))
             self._fatal(UpstreamUnavailable("pgwarden: protocol error from the database server"))
+        if self._replay:  # what the client sent during login is the client's, not the server's
+            early, self._replay = self._replay, b""
+            self.client_data(early)
         if self.closing and self.at_rest:
             self._shutdown_now()
 
@@ -290,21 +322,29 @@ class Session:
             self._auth_data(rest)
 
     def _auth_data(self, data: bytes) -> None:
-        messages = self._framer.feed(data)
-        for i, (mtype, msg) in enumerate(messages):
-            if mtype != fe.PASSWORD:
+        # One message at a time, without reading ahead: whatever follows the
+        # last SASL message belongs to the READY phase and its own size limit.
+        buf = self._auth_buf + data
+        while self.phase in (Phase.AUTH_INITIAL, Phase.AUTH_FINAL) and len(buf) >= 5:
+            length = _LEN.unpack_from(buf, 1)[0]
+            if buf[0] != fe.PASSWORD:
                 raise ProtocolViolation(
-                    f"pgwarden: expected a password message, got {chr(mtype)!r}"
+                    f"pgwarden: expected a password message, got {chr(buf[0])!r}"
                 )
+            if length < 4 or length > _AUTH_MESSAGE_MAX:
+                raise ProtocolViolation(f"pgwarden: invalid authentication message length {length}")
+            if len(buf) < 1 + length:
+                break
+            msg, buf = buf[: 1 + length], buf[1 + length :]
             try:
                 self._auth_message(msg)
             except AuthFailed:
                 self.events.append(("auth.failed", {"user": self.user}))
                 raise
-            if self.phase is not Phase.AUTH_FINAL:  # logged in: the rest waits for READY
-                rest = b"".join(m for _, m in messages[i + 1 :])
-                self._buffer_early(rest + self._framer.take_rest())
-                return
+        if self.phase in (Phase.AUTH_INITIAL, Phase.AUTH_FINAL):
+            self._auth_buf = buf
+        elif buf:
+            self._buffer_early(buf)
 
     def _auth_message(self, msg: bytes) -> None:
         assert self._scram is not None
@@ -333,7 +373,7 @@ class Session:
 
     def _buffer_early(self, data: bytes) -> None:
         self._early += data
-        if len(self._early) > self.config.max_message_bytes:
+        if len(self._early) > self.config.max_message_bytes + 5:
             raise ProtocolViolation("pgwarden: too much data before the session was ready")
 
     def _login_data(self, data: bytes) -> None:
@@ -351,9 +391,8 @@ class Session:
         self.to_client.append(be.ready_for_query(login.status))
         self.pipeline.status = login.status
         self.phase = Phase.READY
-        early, self._early = self._early, b""
-        if early:
-            self._ready_data(early)
+        self._replay = bytes(self._early)  # replayed by server_data, outside its error handling
+        self._early.clear()
 
     # --- READY: client to server -------------------------------------------
     #
@@ -363,9 +402,11 @@ class Session:
     # forwarded as the very object the socket delivered.
 
     def _ready_data(self, data: bytes) -> None:
-        if self._client_tail:
-            data = self._client_tail + data
-            self._client_tail = b""
+        if self._client_tail.buf:
+            whole = self._client_tail.add(data)
+            if whole is None:
+                return
+            data = whole
         handlers = self._ready_handlers
         cap = self.config.max_message_bytes
         out = self.to_server
@@ -405,7 +446,7 @@ class Session:
     def _keep_client_tail(self, data: bytes, pos: int, cap: int) -> None:
         if len(data) - pos >= 5:  # refuse an oversized message before its body arrives
             _check_length(_LEN.unpack_from(data, pos + 1)[0], cap)
-        self._client_tail = data[pos:]
+        self._client_tail.keep(data, pos)
 
     def _blocked(self) -> bool:
         """After a refusal (ours or the server's) messages up to Sync are dropped."""
@@ -507,6 +548,8 @@ class Session:
         return True
 
     def _on_function_call(self, data: bytes, pos: int, end: int) -> bool | bytes:
+        if self._blocked():
+            return b""
         refusal = PolicyRefusal(
             "pgwarden: the fastpath function call interface is not allowed",
             hint="Call functions from a SELECT statement.",
@@ -533,9 +576,11 @@ class Session:
     def _relay(self, data: bytes) -> None:
         if self._stream_left:
             data = self._stream(data)
-        if self._tail:
-            data = self._tail + data
-            self._tail = b""
+        if self._tail.buf:
+            whole = self._tail.add(data)
+            if whole is None:
+                return
+            data = whole
         if data:
             self._scan(data)
 
@@ -596,9 +641,11 @@ class Session:
                 return
             if length > _SERVER_MESSAGE_MAX:
                 raise ProtocolViolation("pgwarden: oversized message from server")
-        self._tail = data[pos:]
+        self._tail.keep(data, pos)
 
     def _server_message(self, mtype: int, data: bytes, pos: int, end: int) -> bytes:
+        if mtype == 100:  # CopyData of COPY TO STDOUT carries one row each
+            self._stmt_rows += 1
         status = data[pos + 5 : pos + 6] if mtype == 90 else b""  # ReadyForQuery
         completes, extra = self.pipeline.on_server(mtype, status)
         if completes:

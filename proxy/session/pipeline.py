@@ -193,13 +193,9 @@ class Pipeline:
         self.copy_in = False
         q = self._q
         head = q[0]
-        while q and q[0] != SYNC:
-            if q.popleft() == SYNTHETIC:
-                payload = self._payloads.popleft()
-                if payload.ready:  # a refused simple Query is its own batch
-                    q.appendleft(SYNTHETIC)
-                    self._payloads.appendleft(payload)
-                    break
+        while q and q[0] != SYNC:  # PostgreSQL ignores all but Sync from here on,
+            if q.popleft() == SYNTHETIC:  # so a refusal queued behind is dropped too
+                self._payloads.popleft()
         if not q:
             self.discarding = True
         return head == EXECUTE, b""

@@ -28,10 +28,11 @@ HEADER_SIZE = 5
 class Framer:
     """Frames typed messages (type byte + int32 length) from a byte stream."""
 
-    __slots__ = ("_buf", "_cap", "_who")
+    __slots__ = ("_buf", "_cap", "_need", "_who")
 
     def __init__(self, max_size: int, who: str = "client") -> None:
-        self._buf = b""
+        self._buf = bytearray()
+        self._need = 0  # bytes the buffered incomplete message still lacks
         self._cap = max_size
         self._who = who
 
@@ -44,24 +45,35 @@ class Framer:
         Messages are bytes (immutable) so a caller may keep or forward them.
         Only the incomplete tail is kept between calls.
         """
-        buf = self._buf + data if self._buf else data
+        if self._buf:  # append, do not re-copy: a big message in small reads stays linear
+            self._buf += data
+            if len(self._buf) < self._need:
+                return []
+            buf = bytes(self._buf)
+            self._buf.clear()
+        else:
+            buf = data
         out: list[tuple[int, bytes]] = []
         pos = 0
         n = len(buf)
+        self._need = 0
         while n - pos >= HEADER_SIZE:
             length = _LEN.unpack_from(buf, pos + 1)[0]
             self._check(buf[pos], length)
             end = pos + 1 + length
             if end > n:
+                self._need = end - pos
                 break
             out.append((buf[pos], buf[pos:end]))
             pos = end
-        self._buf = buf[pos:]
+        self._buf += memoryview(buf)[pos:]
         return out
 
     def take_rest(self) -> bytes:
         """Return and clear whatever is buffered (used when the framing changes)."""
-        rest, self._buf = self._buf, b""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        self._need = 0
         return rest
 
     def _check(self, mtype: int, length: int) -> None:

@@ -15,7 +15,7 @@ from proxy.errors import ProtocolViolation
 
 _I32 = struct.Struct("!i")
 _I16 = struct.Struct("!h")
-_HDR = struct.Struct("!ii")
+_HDR = struct.Struct("!iI")
 
 PROTOCOL_3_0 = 196608  # 3 << 16
 SSL_REQUEST = 80877103
@@ -95,7 +95,7 @@ def decode_startup_form(msg: bytes) -> StartupForm:
         return SSLRequest()
     if code == GSSENC_REQUEST and length == 8:
         return GSSEncRequest()
-    if code == CANCEL_REQUEST and 16 <= length <= 264:
+    if code == CANCEL_REQUEST and 16 <= length <= 268:  # 3.2 keys: 4 to 256 bytes
         return CancelRequest(_I32.unpack_from(msg, 8)[0], msg[12:])
     major, minor = code >> 16, code & 0xFFFF
     if major != 3 or code in (SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST):
@@ -112,6 +112,8 @@ def _startup_params(msg: bytes) -> tuple[tuple[str, str], ...]:
         raise ProtocolViolation("pgwarden: startup packet is not terminated")
     while pos < end:
         key, pos = _cstr(msg, pos)
+        if not key:  # PostgreSQL ends the list at an empty name: nothing may follow
+            raise ProtocolViolation("pgwarden: invalid startup packet layout")
         if pos >= end + 1:
             raise ProtocolViolation("pgwarden: startup parameter without a value")
         value, pos = _cstr(msg, pos)
