@@ -150,6 +150,7 @@ class Server:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.log.info(
             "startup",
             listen=f"{s.listen_host}:{s.listen_port}",
@@ -163,6 +164,24 @@ class Server:
         await self._shutdown()
         housekeeping.cancel()
         return 0
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the policy and the users file; keep the old ones if invalid.
+
+        New logins use what was reloaded; open sessions keep the gate they got
+        at login (applying a reload to open sessions arrives with the policy
+        engine).
+        """
+        try:
+            policy = load_policy(self.settings.policy)
+            users = load_users(self.settings.users_file)
+        except ConfigError as exc:
+            self.log.error("policy.rejected", errors=exc.message.splitlines())
+            return
+        self.policy = policy
+        self.users.clear()
+        self.users.update(users)
+        self.log.info("policy.loaded", policy_hash=policy.version_hash, users=len(users))
 
     async def _shutdown(self) -> None:
         assert self._listener is not None

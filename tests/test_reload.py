@@ -1,0 +1,66 @@
+"""SIGHUP reloads the policy and the users file; an invalid file is rejected.
+
+New logins see the reloaded files at once; an invalid policy is logged as
+policy.rejected and the old one stays in force.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import PASSWORDS, TEST_POLICY, Proxy, users_file_text
+
+
+def _login(proxy: Proxy, user: str, password: str) -> str:
+    """'ok', or the error message the login failed with."""
+    try:
+        with psycopg.connect(proxy.dsn(user, password, sslmode="disable")) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        return str(exc)
+    return "ok"
+
+
+def _wait_for_event(proxy: Proxy, event: str, count: int = 1) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [e for e in proxy.events() if e.get("event") == event]
+        if len(found) >= count:
+            return found[count - 1]
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} event\n{proxy.log_tail()}")
+
+
+def test_sighup_applies_a_valid_policy_and_users_file(pgwarden: Callable[..., Proxy]) -> None:
+    proxy = pgwarden()
+    assert _login(proxy, "dora", PASSWORDS["dora"]) == "ok"
+    proxy.policy_path.write_text(TEST_POLICY.replace("members: [dora]", "members: [frank]"))
+    proxy.users_path.write_text(users_file_text({**PASSWORDS, "frank": "frank-pw"}))
+    proxy.process.send_signal(signal.SIGHUP)
+    loaded = _wait_for_event(proxy, "policy.loaded")
+    assert loaded["users"] == len(PASSWORDS) + 1
+    assert 'user "dora" has no role' in _login(proxy, "dora", PASSWORDS["dora"])
+    assert _login(proxy, "frank", "frank-pw") == "ok"  # new user, new member
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["version: 2\nroles: {}\n", "roles: [not, a, mapping\n", ""],
+    ids=["bad-version", "bad-yaml", "empty"],
+)
+def test_sighup_keeps_the_old_policy_when_the_new_one_is_invalid(
+    pgwarden: Callable[..., Proxy], broken: str
+) -> None:
+    proxy = pgwarden()
+    proxy.policy_path.write_text(broken)
+    proxy.process.send_signal(signal.SIGHUP)
+    rejected = _wait_for_event(proxy, "policy.rejected")
+    assert rejected["level"] == "error"
+    assert all(str(proxy.policy_path) in line for line in rejected["errors"])
+    assert _login(proxy, "dora", PASSWORDS["dora"]) == "ok"
+    assert proxy.process.poll() is None
