@@ -43,7 +43,6 @@ from proxy.session.machine import (
     StartTLS,
 )
 from proxy.settings import Settings
-from proxy.wire import backend as be
 
 
 def client_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -176,7 +175,11 @@ class Server:
             policy = load_policy(self.settings.policy)
             users = load_users(self.settings.users_file)
         except ConfigError as exc:
-            self.log.error("policy.rejected", errors=exc.message.splitlines())
+            errors = exc.message.splitlines()
+        else:
+            errors = []
+        if errors:
+            self.log.error("policy.rejected", errors=errors)
             return
         self.policy = policy
         self.users.clear()
@@ -193,6 +196,14 @@ class Server:
         deadline = time.monotonic() + self.settings.limits.shutdown_timeout_s
         while self.connections and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a dict
             await asyncio.sleep(0.05)
+        running = [
+            key
+            for c in self.connections.values()
+            if (key := c.session.upstream_key) is not None and not c.session.at_rest
+        ]
+        if running:  # stop the statements in the database too, not just our sockets
+            cancels = [asyncio.ensure_future(self._send_cancel(*key)) for key in running]
+            await asyncio.wait(cancels, timeout=5)
         for conn in list(self.connections.values()):
             conn.abort("shutdown timeout")
         await asyncio.sleep(0)
@@ -219,6 +230,7 @@ class ClientConnection(asyncio.Protocol):
         self.log = server.log.bind(session=self.sid)
         self.started = time.monotonic()
         self.last_activity = self.started
+        self.upstream_started = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = False
@@ -234,10 +246,9 @@ class ClientConnection(asyncio.Protocol):
         server.total_connections += 1
         if len(server.connections) > server.settings.limits.max_connections:
             self.log.warning("conn.refused", reason="max_connections")
-            self.transport.write(
-                be.error_response("FATAL", "53300", "pgwarden: sorry, too many clients already")
+            self.session.refusal = StartupRefused(
+                "pgwarden: sorry, too many clients already", sqlstate="53300"
             )
-            self._close("max_connections")
             return
         self.log.info("conn.opened")
 
@@ -349,6 +360,7 @@ class ClientConnection(asyncio.Protocol):
         self.drain()
 
     async def _connect_upstream(self) -> None:
+        self.upstream_started = time.monotonic()
         server = self.server
         try:
             transport = await open_upstream(
@@ -369,7 +381,12 @@ class ClientConnection(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         limits = self.server.settings.limits
-        if self.session.phase is not Phase.READY:
+        phase = self.session.phase
+        if phase in (Phase.CONNECTING, Phase.UPSTREAM_LOGIN):
+            if now - self.upstream_started > self.server.settings.upstream.connect_timeout_s:
+                self.session.upstream_failed("timed out logging in to the database server")
+                self.drain()
+        elif phase is not Phase.READY:
             if now - self.started > limits.startup_timeout_s:
                 self.log.info("conn.timeout", phase=self.session.phase.value)
                 self.session.timed_out("startup")

@@ -154,6 +154,7 @@ class Session:
         self.statements = 0
         self.rows = 0
         self.closing = False
+        self.refusal: PgWardenError | None = None  # answer to the StartupMessage (e.g. 53300)
         self.pipeline = Pipeline()
         self._startup = StartupFramer()
         self._auth_buf = b""
@@ -182,6 +183,9 @@ class Session:
             fe.COPY_FAIL: self._on_copy_end,
             fe.FUNCTION_CALL: self._on_function_call,
             fe.TERMINATE: self._on_terminate,
+        }
+        self._copy_handlers = {
+            t: h for t, h in self._ready_handlers.items() if t in _COPY_IN_ALLOWED
         }
 
     # --- events from the network layer ----------------------------------
@@ -263,7 +267,7 @@ class Session:
 
     def server_closed(self) -> None:
         if self.phase is not Phase.CLOSED:
-            self._fatal(UpstreamUnavailable("pgwarden: the database server closed the connection"))
+            self._upstream_fatal(UpstreamUnavailable("the database server closed the connection"))
 
     # --- startup and authentication ---------------------------------------
 
@@ -298,6 +302,8 @@ class Session:
         self.phase = Phase.TLS
 
     def _startup_packet(self, form: fe.Startup) -> None:
+        if self.refusal is not None:  # after SSL negotiation, as PostgreSQL does
+            raise self.refusal
         if self.config.tls_required and not self.secure:
             raise StartupRefused(
                 "pgwarden: TLS is required; connect with sslmode=require or stronger"
@@ -407,7 +413,6 @@ class Session:
             if whole is None:
                 return
             data = whole
-        handlers = self._ready_handlers
         cap = self.config.max_message_bytes
         out = self.to_server
         n = len(data)
@@ -419,13 +424,11 @@ class Session:
             end = pos + 1 + length
             if end > n:
                 break
-            handler = handlers.get(mtype)
+            copying = self.pipeline.copy_in
+            handler = (self._copy_handlers if copying else self._ready_handlers).get(mtype)
             if handler is None:
-                raise ProtocolViolation(f"pgwarden: unexpected message type {chr(mtype)!r}")
-            if self.pipeline.copy_in and mtype not in _COPY_IN_ALLOWED:
-                raise ProtocolViolation(
-                    f"pgwarden: unexpected message type {chr(mtype)!r} during COPY"
-                )
+                during = " during COPY" if copying else ""
+                raise ProtocolViolation(f"pgwarden: unexpected message type {chr(mtype)!r}{during}")
             result = handler(data, pos, end)
             if result is not True:
                 if run < pos:
