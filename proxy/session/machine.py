@@ -184,6 +184,7 @@ class Session:
             fe.FUNCTION_CALL: self._on_function_call,
             fe.TERMINATE: self._on_terminate,
         }
+        self._await = self.pipeline.queue.append  # expect the server's reply to a message
         self._copy_handlers = {
             t: h for t, h in self._ready_handlers.items() if t in _COPY_IN_ALLOWED
         }
@@ -197,12 +198,12 @@ class Session:
 
     def client_data(self, data: bytes) -> None:
         try:
-            if self.phase is Phase.STARTUP:
+            if self.phase is Phase.READY:
+                self._ready_data(data)
+            elif self.phase is Phase.STARTUP:
                 self._startup_data(data)
             elif self.phase in (Phase.AUTH_INITIAL, Phase.AUTH_FINAL):
                 self._auth_data(data)
-            elif self.phase is Phase.READY:
-                self._ready_data(data)
             elif self.phase in (Phase.CONNECTING, Phase.UPSTREAM_LOGIN):
                 self._buffer_early(data)
             elif self.phase is Phase.TLS:
@@ -463,7 +464,7 @@ class Session:
         verdict = self.gate.check_statement(fe.decode_query(data[pos:end]), extended=False)
         self._prepared.discard(b"")  # a simple Query drops the unnamed statement
         if isinstance(verdict, Allow):
-            self.pipeline.sent(pl.QUERY)
+            self._await(pl.QUERY)
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
         self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
         return b""
@@ -472,21 +473,21 @@ class Session:
         if self._blocked():
             return b""
         assert self.gate is not None
-        parse = fe.decode_parse(data[pos:end])
-        name = parse.name.encode()
+        name, query = fe.decode_parse_head(data, pos, end)
         self.statements += 1
-        verdict = self.gate.check_statement(parse.query, extended=True)
+        verdict = self.gate.check_statement(query, extended=True)
         if isinstance(verdict, Allow):
-            self.pipeline.sent(pl.PARSE)
+            self._await(pl.PARSE)
             self._prepared.add(name)
             if verdict.sql is None:
                 return True
+            parse = fe.decode_parse(data[pos:end])
             return fe.encode_parse(parse.name, verdict.sql, parse.param_types)
         self._prepared.discard(name)
         return self._refuse_extended(verdict.error)
 
     def _on_bind(self, data: bytes, pos: int, end: int) -> bool | bytes:
-        if self._blocked():
+        if self._skipping or self.pipeline.discarding:
             return b""
         portal_end = data.find(b"\0", pos + 5, end)
         name_end = data.find(b"\0", portal_end + 1, end)
@@ -502,25 +503,25 @@ class Session:
                     sqlstate="26000",
                 )
             )
-        self.pipeline.sent(pl.BIND)
+        self._await(pl.BIND)
         return True
 
     def _on_describe(self, data: bytes, pos: int, end: int) -> bool | bytes:
-        if self._blocked():
+        if self._skipping or self.pipeline.discarding:
             return b""
         target = data[pos + 5] if end - pos > 6 else 0
         if target == 83:  # 'S'
-            self.pipeline.sent(pl.DESCRIBE_STATEMENT)
+            self._await(pl.DESCRIBE_STATEMENT)
         elif target == 80:  # 'P'
-            self.pipeline.sent(pl.DESCRIBE_PORTAL)
+            self._await(pl.DESCRIBE_PORTAL)
         else:
             raise ProtocolViolation("pgwarden: invalid Describe target")
         return True
 
     def _on_execute(self, data: bytes, pos: int, end: int) -> bool | bytes:
-        if self._blocked():
+        if self._skipping or self.pipeline.discarding:
             return b""
-        self.pipeline.sent(pl.EXECUTE)
+        self._await(pl.EXECUTE)
         return True
 
     def _on_close(self, data: bytes, pos: int, end: int) -> bool | bytes:
@@ -529,7 +530,7 @@ class Session:
         target, name = fe.decode_target(data[pos:end])
         if target == ord("S"):
             self._prepared.discard(name.encode())
-        self.pipeline.sent(pl.CLOSE)
+        self._await(pl.CLOSE)
         return True
 
     def _on_sync(self, data: bytes, pos: int, end: int) -> bool | bytes:
@@ -598,6 +599,10 @@ class Session:
         out = self.to_client
         view = memoryview(data)
         unpack = _LEN.unpack_from
+        pipeline = self.pipeline
+        queue = pipeline.queue
+        steps = pl.STEPS
+        plain = not pipeline.has_synthetic  # no refusal waiting to be released
         n = len(data)
         pos = run = rows = 0
         while n - pos >= 5:
@@ -606,25 +611,39 @@ class Session:
             end = pos + 1 + length
             if length < 4:
                 raise ProtocolViolation("pgwarden: invalid message length from server")
+            if end > n:
+                break
             if mtype == 68:  # DataRow: count it, forward it untouched
-                if end > n:
-                    break
                 rows += 1
                 pos = end
                 continue
-            if end > n:
-                break
+            # Fast path for the common replies (a table lookup, no calls);
+            # everything else goes through the pipeline's full logic.
+            step = steps.get((queue[0] << 8) | mtype) if queue else None
+            if step == pl.STAY:
+                rows += mtype == 100  # CopyData of COPY TO STDOUT: one row each
+                pos = end
+                continue
+            if step == pl.POP and plain:
+                queue.popleft()
+                if mtype == 90:  # ReadyForQuery
+                    pipeline.status = data[pos + 5 : pos + 6]
+                pos = end
+                continue
             if rows:
                 self._stmt_rows += rows
                 rows = 0
             extra = self._server_message(mtype, data, pos, end)
+            plain = not pipeline.has_synthetic
             pos = end
             if extra:
                 out.append(view[run:pos])
                 out.append(extra)
                 run = pos
         self._stmt_rows += rows
-        if run < pos:
+        if run == 0 and pos == n:
+            out.append(data)
+        elif run < pos:
             out.append(view[run:pos])
         if pos < n:
             self._keep_tail(data, view, pos)
@@ -647,8 +666,6 @@ class Session:
         self._tail.keep(data, pos)
 
     def _server_message(self, mtype: int, data: bytes, pos: int, end: int) -> bytes:
-        if mtype == 100:  # CopyData of COPY TO STDOUT carries one row each
-            self._stmt_rows += 1
         status = data[pos + 5 : pos + 6] if mtype == 90 else b""  # ReadyForQuery
         completes, extra = self.pipeline.on_server(mtype, status)
         if completes:

@@ -109,10 +109,12 @@ class Synthetic:
 class Pipeline:
     """Expected replies, in order, plus the transaction and COPY state."""
 
-    __slots__ = ("_payloads", "_q", "copy_in", "discarding", "status")
+    __slots__ = ("_payloads", "copy_in", "discarding", "queue", "status")
 
     def __init__(self) -> None:
-        self._q: deque[int] = deque()
+        # Public for the relay's fast path, which pops the common replies
+        # itself (STEPS tells which); everything else goes through on_server.
+        self.queue: deque[int] = deque()
         self._payloads: deque[Synthetic] = deque()
         self.status = b"I"  # transaction status of the last ReadyForQuery
         self.copy_in = False  # the server is reading COPY data from the client
@@ -120,23 +122,27 @@ class Pipeline:
 
     @property
     def idle(self) -> bool:
-        return not self._q and not self.copy_in
+        return not self.queue and not self.copy_in
+
+    @property
+    def has_synthetic(self) -> bool:
+        return bool(self._payloads)
 
     @property
     def pending(self) -> int:
-        return len(self._q)
+        return len(self.queue)
 
     def sent(self, kind: int) -> None:
         """A client message the server will answer was forwarded."""
-        self._q.append(kind)
+        self.queue.append(kind)
 
     def sent_sync(self) -> None:
         self.discarding = False
-        self._q.append(SYNC)
+        self.queue.append(SYNC)
 
     def refuse(self, message: bytes, *, ready: bool) -> bytes:
         """Queue a synthetic reply; return what can be sent right now."""
-        self._q.append(SYNTHETIC)
+        self.queue.append(SYNTHETIC)
         self._payloads.append(Synthetic(message, ready=ready))
         return self._release()
 
@@ -146,7 +152,7 @@ class Pipeline:
         Returns (a statement completed, bytes to send after this message).
         `status` is the transaction status byte of a ReadyForQuery.
         """
-        q = self._q
+        q = self.queue
         if not q:
             if mtype in _ASYNC or mtype == be.ERROR_RESPONSE:  # e.g. FATAL admin shutdown
                 return False, b""
@@ -164,7 +170,7 @@ class Pipeline:
         return self._step(step)
 
     def _step(self, step: int) -> tuple[bool, bytes]:
-        q = self._q
+        q = self.queue
         if step in (POP, POP_STATEMENT):
             q.popleft()
             return step == POP_STATEMENT, self._release() if self._payloads else b""
@@ -191,7 +197,7 @@ class Pipeline:
 
     def _on_error(self) -> tuple[bool, bytes]:
         self.copy_in = False
-        q = self._q
+        q = self.queue
         head = q[0]
         while q and q[0] != SYNC:  # PostgreSQL ignores all but Sync from here on,
             if q.popleft() == SYNTHETIC:  # so a refusal queued behind is dropped too
@@ -204,15 +210,15 @@ class Pipeline:
         # Syncs pipelined behind this Execute reach the server while it is in
         # COPY mode, where it ignores them: they will not be answered.
         self.copy_in = True
-        head = self._q.popleft()
-        while self._q and self._q[0] == SYNC:
-            self._q.popleft()
-        self._q.appendleft(head)
+        head = self.queue.popleft()
+        while self.queue and self.queue[0] == SYNC:
+            self.queue.popleft()
+        self.queue.appendleft(head)
 
     def _release(self) -> bytes:
         """Emit synthetic replies that are now at the head of the queue."""
         out = b""
-        q = self._q
+        q = self.queue
         while q and q[0] == SYNTHETIC:
             q.popleft()
             payload = self._payloads.popleft()

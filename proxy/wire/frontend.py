@@ -142,6 +142,22 @@ def decode_parse(msg: bytes) -> ParseMessage:
     return ParseMessage(_text(name, "statement name"), _text(query, "query text"), msg[pos:])
 
 
+def decode_parse_head(data: bytes, pos: int, end: int) -> tuple[bytes, str]:
+    """(raw statement name, query text) of the Parse message at data[pos:end].
+
+    The hot-path form of decode_parse: no copy of the message, the name stays
+    bytes (statement names are only compared). The whole layout is checked.
+    """
+    name_end = data.find(b"\0", pos + 5, end)
+    query_end = data.find(b"\0", name_end + 1, end) if name_end >= 0 else -1
+    if query_end < 0 or end - query_end < 3:
+        raise ProtocolViolation("pgwarden: truncated Parse message")
+    count = _I16.unpack_from(data, query_end + 1)[0]
+    if count < 0 or end - query_end - 3 != 4 * count:
+        raise ProtocolViolation("pgwarden: invalid parameter type list in Parse")
+    return data[pos + 5 : name_end], _text(data[name_end + 1 : query_end], "query text")
+
+
 def decode_bind_names(msg: bytes) -> tuple[str, str]:
     """(portal, statement) of a Bind message; the rest is forwarded untouched."""
     portal, pos = _cstr(msg, 5)
