@@ -229,7 +229,8 @@ class ClientConnection(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None
         self.log = server.log.bind(session=self.sid)
         self.started = time.monotonic()
-        self.last_activity = self.started
+        self.last_activity = self.started  # updated by housekeeping when bytes_in moved
+        self._seen_bytes_in = 0
         self.upstream_started = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -253,7 +254,6 @@ class ClientConnection(asyncio.Protocol):
         self.log.info("conn.opened")
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
         self.bytes_in += len(data)
         try:
             self.session.client_data(data)
@@ -391,7 +391,10 @@ class ClientConnection(asyncio.Protocol):
                 self.log.info("conn.timeout", phase=self.session.phase.value)
                 self.session.timed_out("startup")
                 self.drain()
-        elif self.session.at_rest and now - self.last_activity > limits.idle_timeout_s:
+        elif not self.session.at_rest or self.bytes_in != self._seen_bytes_in:
+            self._seen_bytes_in = self.bytes_in  # busy, or the client spoke since last time:
+            self.last_activity = now  # idle time counts from here
+        elif now - self.last_activity > limits.idle_timeout_s:
             self.log.info("conn.timeout", phase="idle")
             self.session.timed_out("idle")
             self.drain()
@@ -439,6 +442,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.client.upstream = self
+        # Server bytes go straight to the client side: one call less per read.
+        self.data_received = self.client.server_data  # type: ignore[method-assign]
 
     def data_received(self, data: bytes) -> None:
         self.client.server_data(data)
