@@ -464,7 +464,8 @@ def test_protocol_3_2_and_protocol_options_are_negotiated_down(split: str) -> No
     )
     wire.client(struct.pack("!I", len(body) + 4) + body)
     assert wire.to_client() == (
-        be.negotiate_protocol_version(0, ["_pq_.compression"]) + be.auth_sasl((SCRAM,))
+        be.negotiate_protocol_version(fe.PROTOCOL_3_0, ["_pq_.compression"])
+        + be.auth_sasl((SCRAM,))
     )
 
 
@@ -906,11 +907,43 @@ def test_copy_to_stdout(split: str) -> None:
     assert wire.session.at_rest
 
 
-def test_copy_data_outside_copy_is_dropped_as_the_server_would(split: str) -> None:
+def test_copy_data_pipelined_before_copy_in_response_extended(split: str) -> None:
+    # asyncpg-style: data and CopyDone sent right behind the Execute. The Sync
+    # before the data is ignored by the server (COPY mode), the one after is not.
+    wire = ready_wire(split)
+    rows = copy_data(b"1\tfirst\n") + COPY_DONE
+    batch = fe.encode_parse("", "COPY notes FROM STDIN") + bind() + execute() + SYNC
+    wire.client(batch + rows + SYNC)
+    assert wire.to_server() == batch + rows + SYNC
+    wire.server(PARSE_COMPLETE + BIND_COMPLETE + copy_response(b"G"))
+    assert not wire.session.pipeline.copy_in  # the client already ended this COPY
+    wire.server(command_complete("COPY 1") + READY_I)
+    assert kinds(wire.to_client()) == "12GCZ"
+    assert wire.session.at_rest
+
+
+def test_copy_data_pipelined_behind_a_simple_query(split: str) -> None:
+    wire = ready_wire(split)
+    query = fe.encode_query("COPY notes FROM STDIN")
+    early = copy_data(b"1\tfirst\n")
+    wire.client(query + early)
+    wire.server(copy_response(b"G"))
+    assert wire.session.pipeline.copy_in  # no CopyDone yet: more data may come
+    wire.client(copy_data(b"2\tsecond\n") + SYNC + COPY_DONE)
+    assert wire.to_server() == query + early + copy_data(b"2\tsecond\n") + SYNC + COPY_DONE
+    wire.server(command_complete("COPY 2") + READY_I)
+    assert kinds(wire.to_client()) == "GCZ"
+    assert wire.session.at_rest
+
+
+def test_copy_data_outside_copy_is_forwarded_for_the_server_to_ignore(split: str) -> None:
+    # A client may send COPY data before the CopyInResponse arrives, so pgwarden
+    # cannot tell stray data from early data; PostgreSQL ignores it outside COPY.
     wire = ready_wire(split)
     wire.client(copy_data(b"stray\n") + COPY_DONE)
-    assert wire.to_server() == b""
+    assert wire.to_server() == copy_data(b"stray\n") + COPY_DONE
     assert wire.session.phase is Phase.READY
+    assert wire.session.at_rest
 
 
 # --- READY: other client messages -------------------------------------------------------------

@@ -317,7 +317,9 @@ class Session:
                 sqlstate="3D000",
             )
         if form.minor > 0 or params.declined_options:
-            self.to_client.append(be.negotiate_protocol_version(0, list(params.declined_options)))
+            self.to_client.append(
+                be.negotiate_protocol_version(fe.PROTOCOL_3_0, list(params.declined_options))
+            )
         self.user = params.user
         self.application_name = params.application_name
         self._upstream_params = params.upstream
@@ -543,12 +545,10 @@ class Session:
         return True
 
     def _on_copy_data(self, data: bytes, pos: int, end: int) -> bool | bytes:
-        return True if self.pipeline.copy_in else b""  # outside COPY the server drops it too
+        return True  # COPY data, or ignored by the server outside COPY (see pipeline)
 
     def _on_copy_end(self, data: bytes, pos: int, end: int) -> bool | bytes:
-        if not self.pipeline.copy_in:
-            return b""
-        self.pipeline.copy_finished()
+        self.pipeline.client_copy_end()
         return True
 
     def _on_function_call(self, data: bytes, pos: int, end: int) -> bool | bytes:
@@ -603,6 +603,7 @@ class Session:
         queue = pipeline.queue
         steps = pl.STEPS
         plain = not pipeline.has_synthetic  # no refusal waiting to be released
+        pipeline.drop_markers()
         n = len(data)
         pos = run = rows = 0
         while n - pos >= 5:

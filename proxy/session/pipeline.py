@@ -16,8 +16,15 @@ Rules, as the server applies them:
 * After an ErrorResponse to an extended-protocol message the server discards
   everything until Sync, so the expectations up to the next Sync are dropped
   (including pending synthetic errors: the client sees one error per batch).
-* During COPY FROM STDIN the server ignores Sync and Flush; Syncs the client
-  pipelined behind the COPY's Execute are therefore not expected.
+* During COPY FROM STDIN the server ignores Sync and Flush. Whether a Query
+  or Execute starts a COPY is only known when CopyInResponse arrives, and a
+  client may already have sent its data, CopyDone and more behind it. So the
+  client's CopyDone/CopyFail leave a COPY_END marker in the queue while a
+  Query or Execute is in flight; on CopyInResponse the Syncs between the head
+  and the first marker are the ones the server ignores. Without a marker the
+  client has not finished: its Syncs are not expected until CopyDone/CopyFail.
+* CopyData/CopyDone/CopyFail are always forwarded: outside COPY the server
+  ignores them, inside they are the data.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ EXECUTE = 6  # rows, then CommandComplete / EmptyQuery / PortalSuspended
 SYNC = 7  # ReadyForQuery
 QUERY = 8  # everything up to ReadyForQuery
 SYNTHETIC = 9  # a reply pgwarden makes itself (a refusal)
+COPY_END = 10  # not a reply: where the client ended a COPY it pipelined ahead
 
 _NAMES = {
     PARSE: "Parse",
@@ -48,6 +56,7 @@ _NAMES = {
     SYNC: "Sync",
     QUERY: "Query",
     SYNTHETIC: "refusal",
+    COPY_END: "CopyDone",
 }
 
 # Steps.
@@ -117,12 +126,19 @@ class Pipeline:
         self.queue: deque[int] = deque()
         self._payloads: deque[Synthetic] = deque()
         self.status = b"I"  # transaction status of the last ReadyForQuery
-        self.copy_in = False  # the server is reading COPY data from the client
+        self.copy_in = False  # the server reads COPY data and the client has not ended it
         self.discarding = False  # server failed an extended message; no Sync queued yet
 
     @property
     def idle(self) -> bool:
+        self.drop_markers()
         return not self.queue and not self.copy_in
+
+    def drop_markers(self) -> None:
+        """COPY_END markers that reached the head matched no COPY: forget them."""
+        q = self.queue
+        while q and q[0] == COPY_END:
+            q.popleft()
 
     @property
     def has_synthetic(self) -> bool:
@@ -153,6 +169,7 @@ class Pipeline:
         `status` is the transaction status byte of a ReadyForQuery.
         """
         q = self.queue
+        self.drop_markers()
         if not q:
             if mtype in _ASYNC or mtype == be.ERROR_RESPONSE:  # e.g. FATAL admin shutdown
                 return False, b""
@@ -183,17 +200,18 @@ class Pipeline:
             return False, self._release() if self._payloads else b""
         if step == TO_PORTAL:
             q[0] = DESCRIBE_PORTAL
-        elif step == COPY_IN_QUERY:
-            self.copy_in = True
-        elif step == COPY_IN_EXECUTE:
+        elif step in (COPY_IN_QUERY, COPY_IN_EXECUTE):
             self._enter_copy_in()
         else:
             return self._on_error()
         return False, b""
 
-    def copy_finished(self) -> None:
+    def client_copy_end(self) -> None:
         """The client sent CopyDone or CopyFail."""
-        self.copy_in = False
+        if self.copy_in:
+            self.copy_in = False
+        elif QUERY in self.queue or EXECUTE in self.queue:  # a COPY may yet start
+            self.queue.append(COPY_END)
 
     def _on_error(self) -> tuple[bool, bytes]:
         self.copy_in = False
@@ -207,13 +225,21 @@ class Pipeline:
         return head == EXECUTE, b""
 
     def _enter_copy_in(self) -> None:
-        # Syncs pipelined behind this Execute reach the server while it is in
-        # COPY mode, where it ignores them: they will not be answered.
-        self.copy_in = True
-        head = self.queue.popleft()
-        while self.queue and self.queue[0] == SYNC:
-            self.queue.popleft()
-        self.queue.appendleft(head)
+        # Syncs between the COPY's Query/Execute and the client's CopyDone
+        # reach the server in COPY mode, where it ignores them.
+        q = self.queue
+        head = q.popleft()
+        kept: list[int] = []
+        ended = False
+        while q:
+            kind = q.popleft()
+            if kind == COPY_END:
+                ended = True
+                break
+            if kind != SYNC:
+                kept.append(kind)
+        q.extendleft(reversed([head, *kept]))
+        self.copy_in = not ended
 
     def _release(self) -> bytes:
         """Emit synthetic replies that are now at the head of the queue."""
