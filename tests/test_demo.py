@@ -13,22 +13,24 @@ import sys
 import time
 from pathlib import Path
 
-import psycopg
-
-from proxy.pgserver import free_port
+from proxy.pgserver import bin_dir, free_port
 
 DEMO_BUDGET_S = 60.0
 
 
 def _login(port: int) -> int | None:
-    dsn = f"host=127.0.0.1 port={port} dbname=shop user=dora password=dora-demo sslmode=disable"
-    try:
-        with psycopg.connect(dsn, connect_timeout=3) as conn:
-            row = conn.execute("SELECT count(*) FROM customers").fetchone()
-    except psycopg.OperationalError:
-        return None
-    assert row is not None
-    return int(row[0])
+    """Log in with psql, exactly as the banner says; the customer count, or None."""
+    conninfo = f"host=127.0.0.1 port={port} dbname=shop user=dora connect_timeout=3"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    result = subprocess.run(
+        [str(bin_dir() / "psql"), "-X", "-At", conninfo, "-c", "SELECT count(*) FROM customers"],
+        env={**env, "PGPASSWORD": "dora-demo"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return int(result.stdout) if result.returncode == 0 else None
 
 
 def _wait_for_login(proc: subprocess.Popen[bytes], port: int, deadline: float) -> int:
