@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from scramp import ScramClient, ScramException, ScramMechanism
 from scramp.utils import ServerError
 
 from proxy.errors import AuthFailed, ConfigError, UpstreamUnavailable
+from proxy.wire import frontend as fe
 
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096
@@ -54,7 +54,6 @@ _B64 = r"([A-Za-z0-9+/]+={0,2})"
 _SECRET_RE = re.compile(rf"SCRAM-SHA-256\$(\d{{1,9}}):{_B64}\${_B64}:{_B64}")
 _MD5_RE = re.compile(r"md5[0-9a-f]{32}")
 _USER_LINE_RE = re.compile(r'\s*"((?:[^"]|"")*)"\s+"((?:[^"]|"")*)"\s*')
-_INT32 = struct.Struct("!i")
 _MOCK_KEY = secrets.token_bytes(32)
 
 _AUTH_OK, _AUTH_CLEARTEXT, _AUTH_MD5 = 0, 3, 5
@@ -299,10 +298,6 @@ class ScramServerExchange:
 # --- the client side: pgwarden logging in to PostgreSQL -------------------------
 
 
-def _password_message(payload: bytes) -> bytes:
-    return b"p" + _INT32.pack(len(payload) + 4) + payload
-
-
 class UpstreamAuthenticator:
     """pgwarden's login as the service account: AuthenticationRequest in, reply out."""
 
@@ -328,7 +323,7 @@ class UpstreamAuthenticator:
             self._ok()
             return None
         if code == _AUTH_CLEARTEXT:
-            return _password_message(self._need_password().encode("utf-8") + b"\0")
+            return fe.encode_password(self._need_password().encode("utf-8") + b"\0")
         if code == _AUTH_MD5:
             return self._md5(body)
         if code == _AUTH_SASL:
@@ -363,7 +358,7 @@ class UpstreamAuthenticator:
         # MD5 is what this protocol mandates; the flag keeps it usable on FIPS builds.
         inner = hashlib.md5(secret, usedforsecurity=False).hexdigest().encode("ascii")
         outer = hashlib.md5(inner + salt, usedforsecurity=False).hexdigest()
-        return _password_message(b"md5" + outer.encode("ascii") + b"\0")
+        return fe.encode_password(b"md5" + outer.encode("ascii") + b"\0")
 
     def _sasl_start(self, body: bytes) -> bytes:
         offered = [name.decode("utf-8", "replace") for name in body.split(b"\0") if name]
@@ -375,13 +370,13 @@ class UpstreamAuthenticator:
         # PostgreSQL ignores this name (the startup packet carries it); "*" as pgjdbc does
         self._scram = ScramClient([MECHANISM], "*", self._need_password())
         first = str(self._scram.get_client_first()).encode("utf-8")
-        return _password_message(MECHANISM.encode() + b"\0" + _INT32.pack(len(first)) + first)
+        return fe.encode_sasl_initial(MECHANISM, first)
 
     def _sasl_continue(self, body: bytes) -> bytes:
         if self._scram is None:
             raise UpstreamUnavailable("the upstream sent SASLContinue before SASL")
         self._scram.set_server_first(body.decode("utf-8"))
-        return _password_message(str(self._scram.get_client_final()).encode("utf-8"))
+        return fe.encode_password(str(self._scram.get_client_final()).encode("utf-8"))
 
     def _sasl_final(self, body: bytes) -> None:
         if self._scram is None:
