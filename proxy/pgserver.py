@@ -18,7 +18,8 @@ Rules:
   from postgresql.conf), next to a pg_hba.conf we also rewrite: the server
   reflects this object, not what a previous run left behind.
 * Password auth everywhere: scram-sha-256, except members of the role
-  MD5_GROUP, which use md5 (to test upstream md5 auth).
+  MD5_GROUP, which use md5, and of TRUST_GROUP, which use trust (to test
+  pgwarden's upstream login with each method).
 * This build of PostgreSQL may lack OpenSSL (the PyPI wheel does); asking for
   TLS on such a build is an error, never a silent plaintext server.
 """
@@ -48,6 +49,7 @@ from urllib.parse import quote
 
 PG_SYSTEM_USER = "pgwarden-pg"
 MD5_GROUP = "pgwarden_md5"
+TRUST_GROUP = "pgwarden_trust"  # members log in without a password (tests of upstream trust)
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _SOCKET_PATH_MAX = 100  # sun_path is 104 bytes on macOS, 108 on Linux
 
@@ -321,7 +323,8 @@ class PgServer:
         """A LOGIN role with DML on dbname's public tables, no DDL; idempotent.
 
         method "md5" stores an md5 password and makes the role a member of
-        MD5_GROUP, which pg_hba.conf authenticates with md5. ledger_schema, when
+        MD5_GROUP, which pg_hba.conf authenticates with md5; "trust" makes it a
+        member of TRUST_GROUP, which logs in without a password. ledger_schema, when
         given and not yet there, is created owned by the role (pgwarden's quota
         ledger lives there).
         """
@@ -404,6 +407,7 @@ class PgServer:
         rows = [("local", "all", "all", "", "scram-sha-256")]
         for net in ("127.0.0.1/32", "::1/128"):
             rows.append(("host", "all", "+" + MD5_GROUP, net, "md5"))
+            rows.append(("host", "all", "+" + TRUST_GROUP, net, "trust"))
             rows.append(("host", "all", "all", net, "scram-sha-256"))
         return "".join(f"{t:<6} {d:<4} {u:<14} {n:<14} {m}\n" for t, d, u, n, m in rows)
 
@@ -518,7 +522,7 @@ class PgServer:
 
     @staticmethod
     def _role_sql(name: str, password: str, method: str) -> str:
-        if method not in ("scram-sha-256", "md5"):
+        if method not in ("scram-sha-256", "md5", "trust"):
             raise PgServerError(f"unknown password method {method!r}")
         if method == "md5":  # PostgreSQL keeps an already-hashed md5 password as given
             password = "md5" + hashlib.md5((password + name).encode()).hexdigest()  # noqa: S324
@@ -528,9 +532,10 @@ class PgServer:
             f"ALTER ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
             f" PASSWORD {quote_literal(password)};\n",
         ]
-        if method == "md5":
-            sql.append(_unless_exists("CREATE ROLE %I NOLOGIN", MD5_GROUP, "pg_roles", "rolname"))
-            sql.append(f"GRANT {quote_ident(MD5_GROUP)} TO {role};\n")
+        group = {"md5": MD5_GROUP, "trust": TRUST_GROUP}.get(method)
+        if group is not None:
+            sql.append(_unless_exists("CREATE ROLE %I NOLOGIN", group, "pg_roles", "rolname"))
+            sql.append(f"GRANT {quote_ident(group)} TO {role};\n")
         return "".join(sql)
 
     @staticmethod

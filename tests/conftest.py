@@ -46,6 +46,7 @@ from proxy.pgserver import PgServer, free_port, ssl_supported
 SHOP_CUSTOMERS = 200
 SVC_USER, SVC_PASSWORD = "pgwarden_svc", "svc-secret"
 MD5_USER, MD5_PASSWORD = "svc_md5", "md5-secret"
+TRUST_USER = "svc_trust"  # pg_hba trusts it: pgwarden logs in with no password
 PASSWORDS = {
     "alice": "alice-pw",
     "bob": "bob-pw",
@@ -141,6 +142,7 @@ def _load_shop(server: PgServer) -> None:
     server.psql(shop_sql(SHOP_CUSTOMERS), dbname="shop")
     server.create_service_account(SVC_USER, SVC_PASSWORD, "shop")
     server.create_service_account(MD5_USER, MD5_PASSWORD, "shop", method="md5", ledger_schema=None)
+    server.create_service_account(TRUST_USER, "unused", "shop", method="trust", ledger_schema=None)
 
 
 @pytest.fixture(scope="session")

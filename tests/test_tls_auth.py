@@ -23,7 +23,16 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from conftest import MD5_PASSWORD, MD5_USER, PASSWORDS, SVC_PASSWORD, SVC_USER, Proxy, TlsEndpoint
+from conftest import (
+    MD5_PASSWORD,
+    MD5_USER,
+    PASSWORDS,
+    SVC_PASSWORD,
+    SVC_USER,
+    TRUST_USER,
+    Proxy,
+    TlsEndpoint,
+)
 from tlsutil import Pki, TlsFront
 
 from proxy.pgserver import PgServer
@@ -382,6 +391,15 @@ def test_upstream_login_with_an_md5_service_account(pgwarden: Launcher, pg: PgSe
     )
     with connect(proxy, "dora") as conn:
         assert scalar(conn, "SELECT current_user") == MD5_USER
+
+
+def test_upstream_login_with_a_trusted_service_account(pgwarden: Launcher, pg: PgServer) -> None:
+    proxy = pgwarden(
+        upstream={"dsn": f"postgresql://{TRUST_USER}@{pg.host}:{pg.port}/shop"},
+        extra_env={"PGWARDEN_UPSTREAM_PASSWORD": ""},
+    )
+    with connect(proxy, "dora") as conn:
+        assert scalar(conn, "SELECT current_user") == TRUST_USER
 
 
 def test_wrong_upstream_password(pgwarden: Launcher) -> None:
