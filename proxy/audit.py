@@ -30,6 +30,8 @@ def configure(fmt: str = "json", level: str = "info") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        # Tracebacks as text, never with local variables: locals may hold data.
+        structlog.processors.format_exc_info,
     ]
     if fmt == "console":
         processors = [*shared, structlog.dev.ConsoleRenderer(colors=False)]
