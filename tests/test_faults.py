@@ -976,3 +976,32 @@ def test_log_holds_no_password_and_no_literal(pgwarden: Launcher) -> None:
     assert '"statement"' in text or "auth.ok" in text  # the log is there, and JSON
     for secret in [*secrets, *PASSWORDS.values(), SVC_PASSWORD]:
         assert secret not in text, f"{secret!r} leaked into the log"
+
+
+# --- back-pressure ----------------------------------------------------------------------
+
+
+SLOW_READER_ROWS = 100_000  # x ~1 KB: about 100 MB through pgwarden
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_a_client_that_stops_reading_makes_pgwarden_stop_reading_upstream(
+    pgwarden: Launcher,
+) -> None:
+    proxy = pgwarden()
+    with logged_in(proxy) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        rss_before = rss_kib(proxy.process.pid)
+        sql = f"SELECT repeat('x', 1000) FROM generate_series(1, {SLOW_READER_ROWS})"  # noqa: S608 - a constant
+        client.send(fe.encode_query(sql))
+        deadline = time.monotonic() + 3  # the client reads nothing for 3 s
+        peak = rss_before
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_kib(proxy.process.pid))
+            time.sleep(0.1)
+        # Linked back-pressure: pgwarden holds at most a few socket buffers'
+        # worth, not the 100 MB result.
+        assert peak - rss_before < 32 * 1024, (rss_before, peak)
+        replies = client.until_ready()
+    assert rows(replies) == SLOW_READER_ROWS
+    assert not error_fields(replies)
