@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from proxy import __version__
 from proxy.errors import ConfigError
 
 
@@ -47,7 +48,11 @@ def _not_yet(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgwarden", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="pgwarden",
+        description="A PostgreSQL wire-protocol proxy that enforces data-access policy.",
+    )
+    p.add_argument("--version", action="version", version=f"pgwarden {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the proxy")
