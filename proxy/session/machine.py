@@ -169,25 +169,7 @@ class Session:
         self._stmt_rows = 0
         self._tail = _Pending()
         self._stream_left = 0
-        self._ready_handlers: dict[int, Callable[[bytes, int, int], bool | bytes]] = {
-            fe.QUERY: self._on_query,
-            fe.PARSE: self._on_parse,
-            fe.BIND: self._on_bind,
-            fe.DESCRIBE: self._on_describe,
-            fe.EXECUTE: self._on_execute,
-            fe.CLOSE: self._on_close,
-            fe.SYNC: self._on_sync,
-            fe.FLUSH: self._on_flush,
-            fe.COPY_DATA: self._on_copy_data,
-            fe.COPY_DONE: self._on_copy_end,
-            fe.COPY_FAIL: self._on_copy_end,
-            fe.FUNCTION_CALL: self._on_function_call,
-            fe.TERMINATE: self._on_terminate,
-        }
         self._await = self.pipeline.queue.append  # expect the server's reply to a message
-        self._copy_handlers = {
-            t: h for t, h in self._ready_handlers.items() if t in _COPY_IN_ALLOWED
-        }
 
     # --- events from the network layer ----------------------------------
 
@@ -428,11 +410,11 @@ class Session:
             if end > n:
                 break
             copying = self.pipeline.copy_in
-            handler = (self._copy_handlers if copying else self._ready_handlers).get(mtype)
+            handler = (_COPY_HANDLERS if copying else _READY_HANDLERS).get(mtype)
             if handler is None:
                 during = " during COPY" if copying else ""
                 raise ProtocolViolation(f"pgwarden: unexpected message type {chr(mtype)!r}{during}")
-            result = handler(data, pos, end)
+            result = handler(self, data, pos, end)
             if result is not True:
                 if run < pos:
                     out.append(memoryview(data)[run:pos])
@@ -710,7 +692,27 @@ class Session:
         )
 
 
+_Handler = Callable[[Session, bytes, int, int], bool | bytes]
+
+# READY-phase client messages, by type byte (class-level: no per-session tables).
+_READY_HANDLERS: dict[int, _Handler] = {
+    fe.QUERY: Session._on_query,
+    fe.PARSE: Session._on_parse,
+    fe.BIND: Session._on_bind,
+    fe.DESCRIBE: Session._on_describe,
+    fe.EXECUTE: Session._on_execute,
+    fe.CLOSE: Session._on_close,
+    fe.SYNC: Session._on_sync,
+    fe.FLUSH: Session._on_flush,
+    fe.COPY_DATA: Session._on_copy_data,
+    fe.COPY_DONE: Session._on_copy_end,
+    fe.COPY_FAIL: Session._on_copy_end,
+    fe.FUNCTION_CALL: Session._on_function_call,
+    fe.TERMINATE: Session._on_terminate,
+}
+# While the server reads COPY data, only these may come from the client.
 _COPY_IN_ALLOWED = frozenset({fe.COPY_DATA, fe.COPY_DONE, fe.COPY_FAIL, fe.SYNC, fe.FLUSH})
+_COPY_HANDLERS = {t: h for t, h in _READY_HANDLERS.items() if t in _COPY_IN_ALLOWED}
 
 
 def _check_length(length: int, cap: int) -> None:
