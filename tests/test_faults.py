@@ -1005,3 +1005,13 @@ def test_a_client_that_stops_reading_makes_pgwarden_stop_reading_upstream(
         replies = client.until_ready()
     assert rows(replies) == SLOW_READER_ROWS
     assert not error_fields(replies)
+
+
+def test_a_taken_listen_port_is_a_clear_error_not_a_traceback(
+    pgwarden: Launcher, proxy: Proxy
+) -> None:
+    second = pgwarden(listen=f"127.0.0.1:{proxy.port}", wait=False)
+    assert second.process.wait(timeout=30) == 2
+    err = second.stderr_path.read_text()
+    assert f"pgwarden: listen: cannot listen on 127.0.0.1:{proxy.port}" in err, err
+    assert "Traceback" not in err

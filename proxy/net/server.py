@@ -140,13 +140,18 @@ class Server:
     async def serve(self) -> int:
         s = self.settings
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(
-            lambda: ClientConnection(self),
-            s.listen_host,
-            s.listen_port,
-            reuse_address=True,
-            backlog=1024,
-        )
+        try:
+            self._listener = await loop.create_server(
+                lambda: ClientConnection(self),
+                s.listen_host,
+                s.listen_port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "listen", f"cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
+            ) from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
