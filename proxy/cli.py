@@ -8,6 +8,7 @@ policy, failed test), 2 a usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,65 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+_COLUMNS_SQL = """
+    SELECT table_schema, table_name, column_name FROM information_schema.columns
+    WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+      AND table_schema NOT LIKE 'pg!_%' ESCAPE '!'
+"""
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Validate a policy; with --schema also compare it with a database's columns."""
+    from proxy.policy.loader import PolicyError, load_marked
+    from proxy.policy.schema import compare_schema
+
+    try:
+        policy, doc = load_marked(Path(args.policy))
+    except PolicyError as exc:
+        print(*exc.errors, sep="\n")
+        return 1
+    if args.schema:
+        rows = _schema_rows(args.schema)
+        if rows is None:
+            return 2
+        errors, warnings = compare_schema(policy, doc, rows)
+        print(*warnings, *errors, sep="\n", end="\n" if warnings or errors else "")
+        if errors:
+            return 1
+    counts = f"{len(policy.roles)} roles, {policy.classified_columns()} classified columns"
+    print(f"{args.policy}: ok ({counts})")
+    return 0
+
+
+def _schema_rows(dsn: str) -> list[tuple[str, str, str]] | None:
+    """The database's columns, or None after saying why they cannot be read."""
+    import asyncpg
+
+    try:
+        return asyncio.run(_read_columns(dsn))
+    except (
+        OSError,
+        TimeoutError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
+        print(f"pgwarden check: cannot read the schema from the database: {exc}", file=sys.stderr)
+        return None
+
+
+async def _read_columns(dsn: str) -> list[tuple[str, str, str]]:
+    """(schema, table, column) for every non-system column the DSN's user can see."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetch(_COLUMNS_SQL)
+    finally:
+        await conn.close()
+    return [(r["table_schema"], r["table_name"], r["column_name"]) for r in rows]
+
+
 def _not_yet(args: argparse.Namespace) -> int:
     print(f"pgwarden {args.command}: not available in this version", file=sys.stderr)
     return 2
@@ -73,7 +133,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--listen", default="127.0.0.1:6432")
     d.set_defaults(func=_demo)
 
-    for name in ("check", "explain", "test", "quota"):
+    c = sub.add_parser("check", help="validate a policy file")
+    c.add_argument("policy", help="POLICY.yaml")
+    c.add_argument("--schema", metavar="DSN", help="also check names against this database")
+    c.set_defaults(func=_check)
+
+    for name in ("explain", "test", "quota"):
         n = sub.add_parser(name, help="arrives with the policy and quota work")
         n.add_argument("rest", nargs=argparse.REMAINDER)
         n.set_defaults(func=_not_yet)

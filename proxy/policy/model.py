@@ -1,0 +1,117 @@
+"""The policy model: frozen objects the loader builds and the engine reads.
+
+Strategy: every object is a frozen, slotted dataclass and every mapping a
+MappingProxyType, so a loaded policy cannot change under a session; a reload
+swaps the whole `Policy`. Values are already normalised by the checker: a bare
+mask name became `ColumnRule("mask", mask=...)`, `{mask: redact}` became the
+`redact` action, `statements: [all]` became every kind. Nothing here does I/O.
+
+Rules:
+* Names are kept exactly as written (`public.customers`, tag `email`); the
+  engine compares them with the names PostgreSQL reports.
+* A table pattern is `schema.table` where `*` in a part matches any run of
+  characters within that part; no other glob syntax exists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+StatementKind = Literal[
+    "select", "insert", "update", "delete", "copy_out", "copy_in", "ddl", "utility"
+]
+Action = Literal["allow", "deny", "redact", "mask"]
+Mask = Literal["email", "last4", "initials", "hash", "partial"]
+Lookup = Literal["none", "equality"]
+OnExceed = Literal["reject", "truncate"]
+
+STATEMENT_KINDS: tuple[StatementKind, ...] = (
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "copy_out",
+    "copy_in",
+    "ddl",
+    "utility",
+)
+ACTIONS: tuple[str, ...] = ("allow", "deny", "redact")
+MASKS: tuple[Mask, ...] = ("email", "last4", "initials", "hash", "partial")
+LOOKUPS: tuple[Lookup, ...] = ("none", "equality")
+ON_EXCEED: tuple[OnExceed, ...] = ("reject", "truncate")
+ANY_TAG = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnRule:
+    """What a role sees of a column with a given tag."""
+
+    action: Action
+    mask: Mask | None = None
+    lookup: Lookup = "none"
+    first: int | None = None
+    last: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Row caps for one statement and per-user quotas; None means no cap."""
+
+    rows_per_query: int | None = None
+    rows_per_hour: int | None = None
+    rows_per_day: int | None = None
+    on_exceed: OnExceed = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """A policy role: its members and what they may do (nothing checked if unrestricted)."""
+
+    name: str
+    members: frozenset[str]
+    statements: frozenset[StatementKind] = frozenset()
+    tables: tuple[str, ...] = ()
+    columns: Mapping[str, ColumnRule] = field(default_factory=lambda: MappingProxyType({}))
+    limits: Limits | None = None
+    unrestricted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated policy; `version_hash` identifies the file's exact bytes."""
+
+    source: Path
+    version_hash: str
+    roles: Mapping[str, Role]
+    version: int = 1
+    classify: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
+    _by_user: Mapping[str, Role] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_user = {user: role for role in self.roles.values() for user in role.members}
+        object.__setattr__(self, "_by_user", MappingProxyType(by_user))
+
+    def role_of(self, user: str) -> Role | None:
+        """The role `user` belongs to, or None (such a user is refused at login)."""
+        return self._by_user.get(user)
+
+    def uses_hash(self) -> bool:
+        """True when some role hashes a column (the hash key is then required)."""
+        return any(
+            rule.mask == "hash" for role in self.roles.values() for rule in role.columns.values()
+        )
+
+    def classified_columns(self) -> int:
+        """How many columns carry a tag."""
+        return sum(len(columns) for columns in self.classify.values())
+
+
+def pattern_matches(pattern: str, table: str) -> bool:
+    """Whether `schema.table` is matched by `pattern` (`*` matches any run)."""
+    regex = "[^.]*".join(re.escape(piece) for piece in pattern.split("*"))
+    return re.fullmatch(regex, table) is not None

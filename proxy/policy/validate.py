@@ -1,0 +1,401 @@
+"""Policy checker: marked YAML data in, frozen model objects and error lines out.
+
+Strategy: one walk over the plain data that `compose_marked` produced. Each
+section has a small method that reports every fault it finds (never stopping
+at the first) as `file:line:col: dotted.key: message` and returns the
+normalised value, or a harmless stand-in so later checks still run. The caller
+raises PolicyError when any error was collected, so a half-valid policy is
+never used.
+
+Rules:
+* Unknown keys are errors at every level: a typo must not silently widen access.
+* A restricted role must name statements and tables, or it could do nothing;
+  an unrestricted role may name neither (they would contradict it).
+* A column rule may only name a tag that `classify` defines, or `*`.
+* Integers are real integers: `true` is not 1 and "50" is not 50.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, cast
+
+from proxy.policy.marked import MarkedDocument, YamlPath, dotted, where
+from proxy.policy.model import (
+    ACTIONS,
+    ANY_TAG,
+    LOOKUPS,
+    MASKS,
+    ON_EXCEED,
+    STATEMENT_KINDS,
+    Action,
+    ColumnRule,
+    Limits,
+    Lookup,
+    Mask,
+    OnExceed,
+    Role,
+    StatementKind,
+)
+
+SUPPORTED_VERSION = 1
+TOP_KEYS = ("version", "classify", "roles")
+ROLE_KEYS = ("members", "statements", "tables", "columns", "limits", "unrestricted")
+RULE_KEYS = ("mask", "lookup", "first", "last")
+LIMIT_KEYS = ("rows_per_query", "rows_per_hour", "rows_per_day", "on_exceed")
+RESTRICTED_ONLY = ("statements", "tables", "columns", "limits")
+
+_IDENT = re.compile(r"[^\W\d][\w$]*")
+_PATTERN_PART = re.compile(r"(?:[^\W\d]|\*)[\w$*]*")
+
+Classify = dict[str, dict[str, str]]
+
+
+def is_identifier(name: object) -> bool:
+    """A PostgreSQL identifier as written unquoted (case kept)."""
+    return isinstance(name, str) and _IDENT.fullmatch(name) is not None
+
+
+def is_qualified(name: str) -> bool:
+    """`schema.table`: two identifiers joined by one dot."""
+    parts = name.split(".")
+    return len(parts) == 2 and all(is_identifier(p) for p in parts)
+
+
+def pattern_problem(pattern: object) -> str | None:
+    """Why `pattern` is not a valid table pattern, or None."""
+    if not isinstance(pattern, str):
+        return "must be a table pattern such as public.customers or public.*"
+    if "?" in pattern or "[" in pattern or "]" in pattern:
+        return f'"{pattern}": only * is a glob (no ?, no [...])'
+    parts = pattern.split(".")
+    if len(parts) != 2:
+        return f'"{pattern}": must be schema.table (globs: public.*)'
+    if not all(parts):
+        return f'"{pattern}": schema and table may not be empty'
+    if not all(_PATTERN_PART.fullmatch(p) for p in parts):
+        return f'"{pattern}": schema and table must be identifiers, with * as the only glob'
+    return None
+
+
+def _positive_int(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+def _non_negative_int(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+class Checker:
+    """Collects every fault of one document; `check()` returns what was valid."""
+
+    def __init__(self, source: Path, doc: MarkedDocument) -> None:
+        self.source = source
+        self.doc = doc
+        self.errors: list[str] = []
+        self.owner: dict[str, str] = {}
+        self.tags: set[str] = set()
+
+    def error(self, path: YamlPath, message: str, *, key: bool = False) -> None:
+        position = self.doc.position(path, key=key) or (1, 1)
+        label = f"{dotted(path)}: " if path else ""
+        self.errors.append(f"{where(self.source, position)}: {label}{message}")
+
+    def check(self) -> tuple[Classify, dict[str, Role]]:
+        root = self.doc.data
+        if not isinstance(root, dict):
+            self.error((), "a policy is a mapping with `version: 1` and `roles`")
+            return {}, {}
+        self.unknown_keys((), root, TOP_KEYS)
+        self.version(root)
+        classify = self.classify(root.get("classify", {}))
+        return classify, self.roles(root)
+
+    def unknown_keys(self, path: YamlPath, mapping: dict[str, Any], known: tuple[str, ...]) -> None:
+        for name in mapping:
+            if name not in known:
+                self.error((*path, name), f"unknown key (known: {', '.join(known)})", key=True)
+
+    def version(self, root: dict[str, Any]) -> None:
+        if "version" not in root:
+            self.error((), f"missing key version (write `version: {SUPPORTED_VERSION}`)")
+        elif type(root["version"]) is not int or root["version"] != SUPPORTED_VERSION:
+            self.error(
+                ("version",), f"unsupported version (this pgwarden reads {SUPPORTED_VERSION})"
+            )
+
+    # --- classify ---------------------------------------------------------------
+
+    def classify(self, section: object) -> Classify:
+        if not isinstance(section, dict):
+            self.error(("classify",), "must be a mapping of table to {column: tag}")
+            return {}
+        out: Classify = {}
+        for table, columns in section.items():
+            path: YamlPath = ("classify", table)
+            if not is_qualified(table):
+                self.error(path, "must be schema.table (two identifiers, no globs)", key=True)
+            elif not isinstance(columns, dict):
+                self.error(path, "must be a mapping of column to tag")
+            else:
+                out[table] = self.classified(path, columns)
+        return out
+
+    def classified(self, path: YamlPath, columns: dict[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for column, tag in columns.items():
+            at: YamlPath = (*path, column)
+            if not is_identifier(column):
+                self.error(at, "column name must be an identifier", key=True)
+            elif not is_identifier(tag):
+                self.error(at, "tag must be an identifier (such as email or free_text)")
+            else:
+                out[column] = tag
+                self.tags.add(tag)
+        return out
+
+    # --- roles ------------------------------------------------------------------
+
+    def roles(self, root: dict[str, Any]) -> dict[str, Role]:
+        if "roles" not in root:
+            self.error((), "missing key roles")
+            return {}
+        if not isinstance(root["roles"], dict):
+            self.error(("roles",), "must be a mapping of role name to role")
+            return {}
+        roles: dict[str, Role] = {}
+        for name, body in root["roles"].items():
+            role = self.role(name, body)
+            if role is not None:
+                roles[name] = role
+        return roles
+
+    def role(self, name: str, body: object) -> Role | None:
+        path: YamlPath = ("roles", name)
+        if not isinstance(body, dict):
+            self.error(path, "must be a mapping with members")
+            return None
+        self.unknown_keys(path, body, ROLE_KEYS)
+        members = self.members(path, body)
+        unrestricted = body.get("unrestricted", False)
+        if not isinstance(unrestricted, bool):
+            self.error((*path, "unrestricted"), "must be true or false")
+            return Role(name=name, members=members)
+        if unrestricted:
+            self.contradictions(path, body)
+            return Role(name=name, members=members, unrestricted=True)
+        return self.restricted(path, name, members, body)
+
+    def contradictions(self, path: YamlPath, body: dict[str, Any]) -> None:
+        for section in RESTRICTED_ONLY:
+            if section in body:
+                self.error(
+                    (*path, section),
+                    f"contradicts unrestricted: true (an unrestricted role passes everything; "
+                    f"remove {section} or unrestricted)",
+                    key=True,
+                )
+
+    def restricted(
+        self, path: YamlPath, name: str, members: frozenset[str], body: dict[str, Any]
+    ) -> Role:
+        return Role(
+            name=name,
+            members=members,
+            statements=self.statements(path, body),
+            tables=self.tables(path, body),
+            columns=MappingProxyType(self.columns(path, body.get("columns", {}))),
+            limits=self.limits((*path, "limits"), body["limits"]) if "limits" in body else None,
+        )
+
+    def members(self, path: YamlPath, body: dict[str, Any]) -> frozenset[str]:
+        if "members" not in body:
+            self.error(path, "missing key members (a list of user names)")
+            return frozenset()
+        users = body["members"]
+        if not isinstance(users, list):
+            self.error((*path, "members"), "must be a list of user names")
+            return frozenset()
+        if not users:
+            self.error((*path, "members"), "must list at least one user")
+        return frozenset(u for i, u in enumerate(users) if self.member(path, i, u))
+
+    def member(self, path: YamlPath, index: int, user: object) -> bool:
+        at: YamlPath = (*path, "members", index)
+        if not isinstance(user, str) or not user:
+            self.error(at, "must be a user name (a non-empty string)")
+            return False
+        role = str(path[-1])
+        previous = self.owner.get(user)
+        if previous == role:
+            self.error(at, f'user "{user}" is listed twice')
+            return False
+        if previous is not None:
+            self.error(at, f'user "{user}" is already a member of role "{previous}"')
+            return False
+        self.owner[user] = role
+        return True
+
+    def nothing_to_do(self, path: YamlPath, section: str) -> None:
+        self.error(
+            path,
+            f"a restricted role with no {section} could do nothing "
+            f"(list {section}, or set unrestricted: true)",
+        )
+
+    def listed(self, path: YamlPath, body: dict[str, Any], section: str) -> list[object] | None:
+        """The list under `section`, or None after reporting why there is none."""
+        if section not in body:
+            self.nothing_to_do(path, section)
+            return None
+        items = body[section]
+        if not isinstance(items, list):
+            self.error((*path, section), f"must be a list of {section}")
+            return None
+        if not items:
+            self.nothing_to_do((*path, section), section)
+        return items
+
+    # --- statements and tables -------------------------------------------------------
+
+    def statements(self, path: YamlPath, body: dict[str, Any]) -> frozenset[StatementKind]:
+        kinds: set[StatementKind] = set()
+        known = ", ".join((*STATEMENT_KINDS, "all"))
+        for i, kind in enumerate(self.listed(path, body, "statements") or []):
+            if kind == "all":
+                kinds.update(STATEMENT_KINDS)
+            elif kind in STATEMENT_KINDS:
+                kinds.add(kind)
+            else:
+                self.error((*path, "statements", i), f"unknown statement kind (known: {known})")
+        return frozenset(kinds)
+
+    def tables(self, path: YamlPath, body: dict[str, Any]) -> tuple[str, ...]:
+        patterns: list[str] = []
+        for i, pattern in enumerate(self.listed(path, body, "tables") or []):
+            problem = pattern_problem(pattern)
+            if problem is None:
+                patterns.append(cast(str, pattern))
+            else:
+                self.error((*path, "tables", i), problem)
+        return tuple(patterns)
+
+    # --- columns ----------------------------------------------------------------
+
+    def columns(self, path: YamlPath, section: object) -> dict[str, ColumnRule]:
+        at: YamlPath = (*path, "columns")
+        if not isinstance(section, dict):
+            self.error(at, "must be a mapping of tag (or *) to an action or mask")
+            return {}
+        rules: dict[str, ColumnRule] = {}
+        for tag, value in section.items():
+            if self.tag_known((*at, tag), tag):
+                rule = self.rule((*at, tag), value)
+                if rule is not None:
+                    rules[tag] = rule
+        return rules
+
+    def tag_known(self, path: YamlPath, tag: str) -> bool:
+        if tag == ANY_TAG:
+            return True
+        if tag not in self.tags:
+            self.error(path, f'tag "{tag}" is not defined in classify', key=True)
+            return False
+        return True
+
+    def rule(self, path: YamlPath, value: object) -> ColumnRule | None:
+        if isinstance(value, str):
+            return self.bare_rule(path, value)
+        if isinstance(value, dict):
+            return self.mask_rule(path, value)
+        self.error(path, "must be allow, deny, redact, a mask name, or {mask: KIND, ...}")
+        return None
+
+    def bare_rule(self, path: YamlPath, value: str) -> ColumnRule | None:
+        if value in ACTIONS:
+            return ColumnRule(cast(Action, value))
+        if value == "partial":
+            self.error(
+                path, "mask partial needs first and last: {mask: partial, first: 2, last: 2}"
+            )
+            return None
+        if value in MASKS:
+            return ColumnRule("mask", mask=value)
+        self.error(path, f'unknown action or mask "{value}" ({_KNOWN_RULES})')
+        return None
+
+    def mask_rule(self, path: YamlPath, body: dict[str, Any]) -> ColumnRule | None:
+        self.unknown_keys(path, body, RULE_KEYS)
+        if "mask" not in body:
+            self.error(path, "missing key mask (a mask name)")
+            return None
+        mask = body["mask"]
+        if mask == "redact":
+            self.no_lookup(path, body)
+            self.no_partial_keys(path, body, "redact")
+            return ColumnRule("redact")
+        if mask not in MASKS:
+            self.error((*path, "mask"), f'unknown mask "{mask}" (masks: {", ".join(_MASKS)})')
+            return None
+        first, last = self.partial(path, body, cast(Mask, mask))
+        lookup = self.lookup(path, body)
+        return ColumnRule("mask", mask=cast(Mask, mask), lookup=lookup, first=first, last=last)
+
+    def lookup(self, path: YamlPath, body: dict[str, Any]) -> Lookup:
+        value = body.get("lookup", "none")
+        if value not in LOOKUPS:
+            self.error((*path, "lookup"), "must be none or equality")
+            return "none"
+        return cast(Lookup, value)
+
+    def no_lookup(self, path: YamlPath, body: dict[str, Any]) -> None:
+        if "lookup" in body:
+            message = "applies to masks only (redact returns NULL, there is nothing to look up)"
+            self.error((*path, "lookup"), message, key=True)
+
+    def no_partial_keys(self, path: YamlPath, body: dict[str, Any], mask: str) -> None:
+        for name in ("first", "last"):
+            if name in body:
+                self.error((*path, name), f"applies to mask partial only, not {mask}", key=True)
+
+    def partial(self, path: YamlPath, body: dict[str, Any], mask: Mask) -> tuple[int | None, ...]:
+        if mask != "partial":
+            self.no_partial_keys(path, body, mask)
+            return None, None
+        out: list[int | None] = []
+        for name in ("first", "last"):
+            value = body.get(name)
+            if name not in body:
+                self.error(path, f"mask partial needs {name} (a non-negative integer)")
+            elif not _non_negative_int(value):
+                self.error((*path, name), "must be a non-negative integer")
+            out.append(value if _non_negative_int(value) else None)
+        return tuple(out)
+
+    # --- limits -----------------------------------------------------------------
+
+    def limits(self, path: YamlPath, section: object) -> Limits | None:
+        if not isinstance(section, dict):
+            self.error(path, f"must be a mapping ({', '.join(LIMIT_KEYS)})")
+            return None
+        self.unknown_keys(path, section, LIMIT_KEYS)
+        caps: dict[str, int | None] = {}
+        for name in LIMIT_KEYS[:3]:
+            value = section.get(name)
+            if name in section and not _positive_int(value):
+                self.error((*path, name), "must be a positive integer (leave it out for no cap)")
+            caps[name] = value if _positive_int(value) else None
+        return Limits(**caps, on_exceed=self.on_exceed(path, section))
+
+    def on_exceed(self, path: YamlPath, section: dict[str, Any]) -> OnExceed:
+        value = section.get("on_exceed", "reject")
+        if value not in ON_EXCEED:
+            self.error((*path, "on_exceed"), "must be reject or truncate")
+            return "reject"
+        return cast(OnExceed, value)
+
+
+_MASKS = (*MASKS, "redact")
+_KNOWN_RULES = f"actions: {', '.join(ACTIONS)}; masks: {', '.join(MASKS)}"
