@@ -1015,3 +1015,12 @@ def test_a_taken_listen_port_is_a_clear_error_not_a_traceback(
     err = second.stderr_path.read_text()
     assert f"pgwarden: listen: cannot listen on 127.0.0.1:{proxy.port}" in err, err
     assert "Traceback" not in err
+
+
+def test_a_policy_using_hash_without_a_key_refuses_to_start(pgwarden: Launcher) -> None:
+    # TEST_POLICY gives the analyst role {"*": hash}.
+    proxy = pgwarden(hash_key_file=None, wait=False)
+    assert proxy.process.wait(timeout=30) == 2
+    err = proxy.stderr_path.read_text()
+    assert "hash_key_file" in err
+    assert "uses the hash mask" in err, err

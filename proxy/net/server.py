@@ -55,6 +55,19 @@ def client_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+HASH_KEY_ENV = "PGWARDEN_HASH_KEY"
+
+
+def require_hash_key(settings: Settings, policy: Policy) -> None:
+    """A policy that hashes columns needs a secret key: refuse to run without one."""
+    if policy.uses_hash() and settings.hash_key_file is None and not os.environ.get(HASH_KEY_ENV):
+        raise ConfigError(
+            "hash_key_file",
+            f"{settings.policy}: the policy uses the hash mask; set hash_key_file "
+            f"or env {HASH_KEY_ENV}",
+        )
+
+
 class Server:
     """Shared state of one pgwarden process: settings, policy, live sessions."""
 
@@ -63,6 +76,7 @@ class Server:
         self.log = audit.get_logger()
         self.users = load_users(settings.users_file)
         self.policy: Policy = load_policy(settings.policy)
+        require_hash_key(settings, self.policy)
         self.client_ssl = client_ssl_context(settings)
         self.upstream_ssl = upstream_ssl_context(settings.upstream)
         self.connections: dict[int, ClientConnection] = {}  # by our BackendKeyData pid
@@ -179,6 +193,7 @@ class Server:
         try:
             policy = load_policy(self.settings.policy)
             users = load_users(self.settings.users_file)
+            require_hash_key(self.settings, policy)
         except ConfigError as exc:
             errors = exc.message.splitlines()
         else:
