@@ -337,12 +337,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _log_events(self) -> None:
         for event, fields in self.session.events:
-            if event == "auth.ok":
+            if event == "auth.ok":  # from here on every line names the user and role
                 self.log = self.log.bind(user=fields["user"], role=fields["role"])
                 self.log.info(event)
-            elif event == "auth.failed":
-                self.log.warning(event, **fields)
-            else:
+            else:  # auth.failed, upstream.error
                 self.log.warning(event, **fields)
         self.session.events.clear()
 

@@ -471,7 +471,7 @@ class Session:
         return self._refuse_extended(verdict.error)
 
     def _on_bind(self, data: bytes, pos: int, end: int) -> bool | bytes:
-        if self._skipping or self.pipeline.discarding:
+        if self._blocked():
             return b""
         portal_end = data.find(b"\0", pos + 5, end)
         name_end = data.find(b"\0", portal_end + 1, end)
@@ -491,7 +491,7 @@ class Session:
         return True
 
     def _on_describe(self, data: bytes, pos: int, end: int) -> bool | bytes:
-        if self._skipping or self.pipeline.discarding:
+        if self._blocked():
             return b""
         target = data[pos + 5] if end - pos > 6 else 0
         if target == 83:  # 'S'
@@ -503,7 +503,7 @@ class Session:
         return True
 
     def _on_execute(self, data: bytes, pos: int, end: int) -> bool | bytes:
-        if self._skipping or self.pipeline.discarding:
+        if self._blocked():
             return b""
         self._await(pl.EXECUTE)
         return True
