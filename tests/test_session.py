@@ -54,6 +54,7 @@ class RefusingGate:
 
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
+        self.forbidden: frozenset[tuple[int, int]] = frozenset()
         self.checked: list[tuple[str, bool]] = []
         self.rows: list[int] = []
 

@@ -28,8 +28,10 @@ from contextlib import suppress
 from typing import Any, cast
 
 from proxy import audit
+from proxy.analysis.catalog import Snapshot
 from proxy.auth import load_users
 from proxy.errors import ConfigError, PgWardenError, StartupRefused
+from proxy.net.catalog import SchemaKeeper
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
 from proxy.policy import Policy, load_policy
 from proxy.session.gate import Gate, Principal, gate_for
@@ -58,6 +60,17 @@ def client_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 HASH_KEY_ENV = "PGWARDEN_HASH_KEY"
 
 
+def read_hash_key(settings: Settings) -> bytes | None:
+    """The hash mask's secret: hash_key_file, else env PGWARDEN_HASH_KEY, else None."""
+    if settings.hash_key_file is not None:
+        try:
+            return settings.hash_key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError("hash_key_file", f"cannot read: {exc.strerror}") from None
+    key = os.environ.get(HASH_KEY_ENV)
+    return key.encode() if key else None
+
+
 def require_hash_key(settings: Settings, policy: Policy) -> None:
     """A policy that hashes columns needs a secret key: refuse to run without one."""
     if policy.uses_hash() and settings.hash_key_file is None and not os.environ.get(HASH_KEY_ENV):
@@ -77,6 +90,14 @@ class Server:
         self.users = load_users(settings.users_file)
         self.policy: Policy = load_policy(settings.policy)
         require_hash_key(settings, self.policy)
+        self.schema = SchemaKeeper(
+            settings.upstream,
+            upstream_ssl_context(settings.upstream),
+            self.policy,
+            read_hash_key(settings),
+            on_loaded=self._schema_loaded,
+            on_failed=self._schema_failed,
+        )
         self.client_ssl = client_ssl_context(settings)
         self.upstream_ssl = upstream_ssl_context(settings.upstream)
         self.connections: dict[int, ClientConnection] = {}  # by our BackendKeyData pid
@@ -109,7 +130,7 @@ class Server:
                 sqlstate="53300",
             )
         self.per_user[user] = self.per_user.get(user, 0) + 1
-        return gate_for(Principal(user, role.name, role.unrestricted))
+        return gate_for(Principal(user, role.name, role.unrestricted), self.schema)
 
     def gate_closed(self, user: str) -> None:
         left = self.per_user.get(user, 1) - 1
@@ -178,17 +199,19 @@ class Server:
             pid=os.getpid(),
         )
         housekeeping = asyncio.ensure_future(self._housekeeping())
+        keeper = asyncio.ensure_future(self.schema.run())
         await self._stopping.wait()
         await self._shutdown()
         housekeeping.cancel()
+        keeper.cancel()
         return 0
 
     def reload(self) -> None:
         """SIGHUP: re-read the policy and the users file; keep the old ones if invalid.
 
-        New logins use what was reloaded; open sessions keep the gate they got
-        at login (applying a reload to open sessions arrives with the policy
-        engine).
+        New logins use what was reloaded; open sessions of restricted roles
+        apply the new policy from their next statement. The schema snapshot is
+        read again as well.
         """
         try:
             policy = load_policy(self.settings.policy)
@@ -202,9 +225,17 @@ class Server:
             self.log.error("policy.rejected", errors=errors)
             return
         self.policy = policy
+        self.schema.set_policy(policy, read_hash_key(self.settings))
+        self.schema.refresh_soon()
         self.users.clear()
         self.users.update(users)
         self.log.info("policy.loaded", policy_hash=policy.version_hash, users=len(users))
+
+    def _schema_loaded(self, snapshot: Snapshot) -> None:
+        self.log.info("schema.loaded", relations=len(snapshot.relations))
+
+    def _schema_failed(self, error: str) -> None:
+        self.log.warning("schema.failed", error=error)
 
     async def _shutdown(self) -> None:
         assert self._listener is not None

@@ -2,14 +2,13 @@
 
 The session asks its Gate about each simple Query and each Parse before any
 byte of it reaches the database, and reports the rows each statement returned.
-A Gate answers with one of a closed set of verdicts. In the foundation the only
-gate is PassThroughGate (the role is resolved, everything is allowed); the
-policy engine plugs in by providing another Gate, without touching the codec
-or the session.
+A Gate answers with one of a closed set of verdicts. Unrestricted roles get
+PassThroughGate (everything allowed, still counted and logged); restricted roles
+get PolicyGate, which asks the policy engine (proxy/analysis/engine.py) and hands
+the session the rewritten text to send.
 
-Fail closed: until the policy engine exists, a restricted role cannot be
-checked, so its statements are refused (RestrictedUnavailableGate) rather than
-passed through with raw values. Unrestricted roles pass through untouched.
+Fail closed: while no engine is available (the upstream schema is not loaded yet),
+a restricted role's statements are refused, never passed through.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from proxy.analysis.engine import Engine
 from proxy.errors import PgWardenError, PolicyRefusal
 
 
@@ -52,6 +52,7 @@ class Gate(Protocol):
     """Per-session policy decisions. Pure: no I/O, no logging."""
 
     principal: Principal
+    forbidden: frozenset[tuple[int, int]]  # (table OID, attnum) never to appear in a result
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
         """Verdict for a simple Query (extended=False) or a Parse (extended=True)."""
@@ -65,10 +66,11 @@ class Gate(Protocol):
 class PassThroughGate:
     """Resolves the role and lets everything through (the foundation's policy)."""
 
-    __slots__ = ("principal",)
+    __slots__ = ("forbidden", "principal")
 
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
+        self.forbidden: frozenset[tuple[int, int]] = frozenset()
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
         return ALLOW
@@ -77,27 +79,70 @@ class PassThroughGate:
         return None
 
 
-class RestrictedUnavailableGate(PassThroughGate):
-    """For restricted roles while no policy engine is present: refuse, never leak."""
+class EngineSource(Protocol):
+    """Where a gate finds the current policy engine (swapped on reload)."""
 
-    __slots__ = ("_refusal",)
+    @property
+    def engine(self) -> Engine | None: ...
 
-    def __init__(self, principal: Principal) -> None:
-        super().__init__(principal)
-        self._refusal = Refuse(
-            PolicyRefusal(
-                f'pgwarden: role "{principal.role}" is restricted and this pgwarden '
-                "version cannot enforce column policies yet; statement refused",
-                hint="Only unrestricted roles can run statements in this version.",
-            )
-        )
+    def schema_miss(self) -> None:
+        """A statement named a relation the snapshot lacks: refresh it soon."""
+        ...
+
+
+class PolicyGate:
+    """A restricted role: every statement is analysed and rewritten by the engine.
+
+    The engine is read afresh for every statement, so a policy reload applies to
+    the next statement of every open session; a user no longer in the role is
+    refused from then on.
+    """
+
+    __slots__ = ("_source", "forbidden", "principal")
+
+    def __init__(self, principal: Principal, source: EngineSource) -> None:
+        self.principal = principal
+        self._source = source
+        self.forbidden: frozenset[tuple[int, int]] = frozenset()
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
-        return self._refusal
+        engine = self._source.engine
+        if engine is None:
+            return _NOT_READY
+        role = engine.policy.role_of(self.principal.user)
+        if role is None or role.name != self.principal.role:
+            return Refuse(
+                PolicyRefusal(
+                    f'pgwarden: user "{self.principal.user}" is no longer in role '
+                    f'"{self.principal.role}"; statement refused',
+                    hint="The policy changed; reconnect to get your current role.",
+                )
+            )
+        result = engine.evaluate(role.name, sql, extended=extended)
+        self.forbidden = engine.forbidden_fields(role.name)
+        if result.allowed:
+            return Allow(result.sql)
+        if result.unknown_relation:
+            self._source.schema_miss()
+        return Refuse(
+            PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)
+        )
+
+    def rows_returned(self, count: int) -> None:
+        return None
 
 
-def gate_for(principal: Principal) -> Gate:
-    """The gate the foundation gives a principal."""
+_NOT_READY = Refuse(
+    PolicyRefusal(
+        "pgwarden: the schema of the upstream database is not loaded yet; statement refused",
+        hint="pgwarden reads the upstream catalog at startup and retries; try again shortly.",
+        sqlstate="57P03",
+    )
+)
+
+
+def gate_for(principal: Principal, source: EngineSource) -> Gate:
+    """The gate for a principal: pass-through when unrestricted, else the engine."""
     if principal.unrestricted:
         return PassThroughGate(principal)
-    return RestrictedUnavailableGate(principal)
+    return PolicyGate(principal, source)

@@ -168,6 +168,8 @@ class Session:
         self._skipping = False
         self._stmt_rows = 0
         self._tail = _Pending()
+        self._guarded = False  # restricted role: RowDescription and ParameterStatus are checked
+        self._watched: dict[str, str] = {}
         self._stream_left = 0
         self._await = self.pipeline.queue.append  # expect the server's reply to a message
 
@@ -378,6 +380,9 @@ class Session:
         self.upstream_key = login.key
         for name, value in login.params:
             self.to_client.append(be.parameter_status(name, value))
+            if name in _WATCHED:
+                self._watched[name] = value
+        self._guarded = self.gate is not None and not self.gate.principal.unrestricted
         self.to_client.append(be.backend_key_data(*self.key))
         self.to_client.append(be.ready_for_query(login.status))
         self.pipeline.status = login.status
@@ -600,6 +605,13 @@ class Session:
                 rows += 1
                 pos = end
                 continue
+            if (
+                (mtype == 84 or mtype == 83)
+                and self._guarded
+                and self._guard(mtype, data, pos, end)
+            ):
+                out.append(view[run:pos])
+                return  # the session is closed; nothing after this message is forwarded
             # Fast path for the common replies (a table lookup, no calls);
             # everything else goes through the pipeline's full logic.
             step = steps.get((queue[0] << 8) | mtype) if queue else None
@@ -630,6 +642,31 @@ class Session:
             out.append(view[run:pos])
         if pos < n:
             self._keep_tail(data, view, pos)
+
+    def _guard(self, mtype: int, data: bytes, pos: int, end: int) -> bool:
+        """The result-path backstop for restricted roles; True when it closed the session.
+
+        A RowDescription field that comes straight from a column the role may not
+        see raw means the rewrite failed somewhere: the statement is aborted before
+        any row of it is forwarded. A ParameterStatus reporting a change of identity
+        or lexing settings ends the session.
+        """
+        if mtype == 84:
+            forbidden = self.gate.forbidden if self.gate is not None else frozenset()
+            hit = forbidden and any(o in forbidden for o in be.decode_row_origins(data, pos, end))
+            if not hit:
+                return False
+            self.events.append(("backstop.tripped", {"what": "raw classified column in a result"}))
+            self._fatal(
+                PolicyRefusal("pgwarden: result would expose a protected column; statement aborted")
+            )
+            return True
+        name, value = be.decode_parameter_status(data[pos:end])
+        if name not in _WATCHED or self._watched.get(name, value) == value:
+            return False
+        self.events.append(("backstop.tripped", {"what": f"server reported a change of {name}"}))
+        self._fatal(PolicyRefusal(f"pgwarden: the session changed {name}; connection closed"))
+        return True
 
     def _keep_tail(self, data: bytes, view: memoryview, pos: int) -> None:
         n = len(data)
@@ -713,6 +750,19 @@ _READY_HANDLERS: dict[int, _Handler] = {
 # While the server reads COPY data, only these may come from the client.
 _COPY_IN_ALLOWED = frozenset({fe.COPY_DATA, fe.COPY_DONE, fe.COPY_FAIL, fe.SYNC, fe.FLUSH})
 _COPY_HANDLERS = {t: h for t, h in _READY_HANDLERS.items() if t in _COPY_IN_ALLOWED}
+
+
+# Settings whose change (reported by the server) ends a restricted session.
+_WATCHED = frozenset(
+    {
+        "session_authorization",
+        "is_superuser",
+        "standard_conforming_strings",
+        "client_encoding",
+        "search_path",
+        "role",
+    }
+)
 
 
 def _check_length(length: int, cap: int) -> None:

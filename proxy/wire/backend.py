@@ -15,6 +15,7 @@ from proxy.errors import ProtocolViolation
 
 _I32 = struct.Struct("!i")
 _I32x2 = struct.Struct("!ii")
+_I16 = struct.Struct("!h")
 
 AUTHENTICATION = ord("R")
 PARAMETER_STATUS = ord("S")
@@ -119,4 +120,22 @@ def decode_error_fields(msg: bytes) -> dict[str, str]:
     for part in msg[5:].split(b"\0"):
         if part:
             out[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return out
+
+
+_FIELD_TAIL = struct.Struct("!IhIhih")  # table oid, attnum, type oid, typlen, typmod, format
+
+
+def decode_row_origins(msg: bytes, pos: int, end: int) -> list[tuple[int, int]]:
+    """(table OID, column attnum) of each field of the RowDescription at msg[pos:end]."""
+    count = _I16.unpack_from(msg, pos + 5)[0]
+    at = pos + 7
+    out: list[tuple[int, int]] = []
+    for _ in range(count):
+        nul = msg.find(b"\0", at, end)
+        if nul < 0 or nul + 1 + _FIELD_TAIL.size > end:
+            raise ProtocolViolation("pgwarden: malformed RowDescription from server")
+        table, attnum, *_rest = _FIELD_TAIL.unpack_from(msg, nul + 1)
+        out.append((table, attnum))
+        at = nul + 1 + _FIELD_TAIL.size
     return out

@@ -1,0 +1,1 @@
+"""SQL analysis: the schema snapshot, statement analysis, rewrite and verdict cache."""

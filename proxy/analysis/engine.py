@@ -1,0 +1,326 @@
+"""The policy engine: one client statement in, one verdict out.
+
+Strategy, for a restricted role:
+
+1. PostgreSQL's grammar first (pglast/libpg_query): split the text into statements
+   and classify each by its real parse node, so comments, dollar quotes, U& and E''
+   literals and multi-statement tricks mean exactly what they will mean upstream.
+2. Each query (SELECT, INSERT/UPDATE/DELETE, the query of COPY and DECLARE) is
+   deparsed to canonical SQL and analysed with sqlglot: relations resolved and
+   authorised, columns bound, the masking rewrite applied (proxy/analysis/rewrite.py).
+3. The text to send is generated from the rewritten tree and checked again with
+   PostgreSQL's grammar (proxy/analysis/verify.py): node types, functions,
+   relations and the masking invariant.
+
+The client's text never reaches the database for a restricted role: what is sent
+is generated from the trees that were checked. Session housekeeping (BEGIN, SET of
+harmless settings, SHOW, FETCH, ...) is deparsed from PostgreSQL's own parse.
+
+Any parse error, recursion error, unknown node or unexpected failure is a refusal:
+`evaluate` never raises for a client's input. Verdicts are cached by (role, text);
+the engine is rebuilt on every policy or schema reload, so the cache never
+outlives either.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pglast
+import sqlglot
+from pglast import ast
+from pglast.enums import TransactionStmtKind, VariableSetKind
+from pglast.parser import ParseError as PgParseError
+from sqlglot import exp
+from sqlglot.errors import ErrorLevel, SqlglotError
+
+from proxy.analysis.allowlists import SAFE_SETTINGS
+from proxy.analysis.catalog import Snapshot
+from proxy.analysis.rewrite import Rewriter
+from proxy.analysis.rewrite_errors import Refusal
+from proxy.analysis.roles import RoleView
+from proxy.analysis.verify import Verifier, deparse
+from proxy.policy.model import Policy, StatementKind
+
+PARSE_HINT = "Check the statement's syntax; pgwarden forwards only statements it can parse."
+
+_QUERY_KINDS: Mapping[type, StatementKind] = {
+    ast.SelectStmt: "select",
+    ast.InsertStmt: "insert",
+    ast.UpdateStmt: "update",
+    ast.DeleteStmt: "delete",
+}
+_SESSION = (
+    ast.TransactionStmt,
+    ast.VariableSetStmt,
+    ast.VariableShowStmt,
+    ast.DeallocateStmt,
+    ast.ClosePortalStmt,
+    ast.FetchStmt,
+    ast.DiscardStmt,
+)
+_UTILITY = (ast.ListenStmt, ast.UnlistenStmt, ast.NotifyStmt)
+_TWO_PHASE = (
+    TransactionStmtKind.TRANS_STMT_PREPARE,
+    TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED,
+)
+_SET_FREE = ("transaction", "session characteristics")
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """The engine's answer for one client text."""
+
+    allowed: bool
+    sql: str | None = None  # the text to send (None: the client's own text)
+    kinds: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    masked: tuple[str, ...] = ()  # tables read through masks
+    lookups: int = 0
+    sqlstate: str = ""
+    message: str = ""
+    hint: str = ""
+    reasons: tuple[str, ...] = field(default=())
+    unknown_relation: bool = False  # refused because the snapshot lacks a relation
+
+
+@dataclass
+class _Facts:
+    kinds: list[str] = field(default_factory=list)
+    tables: set[str] = field(default_factory=set)
+    masked: set[str] = field(default_factory=set)
+    lookups: int = 0
+
+
+class Engine:
+    """Evaluates statements for every role of one policy against one snapshot."""
+
+    def __init__(
+        self, policy: Policy, snapshot: Snapshot, hash_key: bytes | None, *, cache_size: int = 4096
+    ) -> None:
+        self.policy = policy
+        self.snapshot = snapshot
+        self.hash_key = hash_key
+        self._roles: dict[str, RoleView] = {}
+        self._forbidden: dict[str, frozenset[tuple[int, int]]] = {}
+        self._cache: OrderedDict[tuple[str, str, bool], Evaluation] = OrderedDict()
+        self._cache_size = cache_size
+        self.hits = 0
+        self.misses = 0
+
+    def role_view(self, role: str) -> RoleView:
+        view = self._roles.get(role)
+        if view is None:
+            view = RoleView(self.policy, self.policy.roles[role], self.hash_key)
+            self._roles[role] = view
+        return view
+
+    def forbidden_fields(self, role: str) -> frozenset[tuple[int, int]]:
+        """(table OID, attnum) of every column `role` may not see raw: the result backstop."""
+        found = self._forbidden.get(role)
+        if found is None:
+            view = self.role_view(role)
+            found = frozenset(
+                (relation.oid, column.attnum)
+                for relation in self.snapshot.user_relations()
+                for column in relation.columns
+                if view.visibility(relation).protected_column(column.name)
+            )
+            self._forbidden[role] = found
+        return found
+
+    def evaluate(self, role: str, sql: str, *, extended: bool = False) -> Evaluation:
+        """The verdict for `sql` run by a member of `role` (cached)."""
+        key = (role, sql, extended)
+        found = self._cache.get(key)
+        if found is not None:
+            self.hits += 1
+            self._cache.move_to_end(key)
+            return found
+        self.misses += 1
+        result = self._evaluate(role, sql, extended)
+        self._cache[key] = result
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return result
+
+    def _evaluate(self, role: str, sql: str, extended: bool) -> Evaluation:
+        if self.policy.roles[role].unrestricted:
+            return Evaluation(True, reasons=("role is unrestricted",))
+        facts = _Facts()
+        try:
+            text = self._statements(self.role_view(role), sql, extended, facts)
+        except Refusal as refusal:
+            return _refused(refusal, facts)
+        except PgParseError:
+            return _refused(Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601"), facts)
+        except RecursionError:
+            return _refused(
+                Refusal("pgwarden: statement nested too deeply; refused", sqlstate="42601"), facts
+            )
+        except Exception as error:  # noqa: BLE001 - fail closed on anything unexpected
+            return _refused(_unexpected(error), facts)
+        reasons = [f"{t} read through masks" for t in sorted(facts.masked)]
+        reasons += (
+            [f"{facts.lookups} equality look-up(s) pushed to the raw column"]
+            if facts.lookups
+            else []
+        )
+        return Evaluation(
+            True,
+            sql=text,
+            kinds=tuple(facts.kinds),
+            tables=tuple(sorted(facts.tables)),
+            masked=tuple(sorted(facts.masked)),
+            lookups=facts.lookups,
+            reasons=tuple(reasons) or ("every table and column is visible to the role",),
+        )
+
+    # --- statements --------------------------------------------------------------
+
+    def _statements(self, role: RoleView, sql: str, extended: bool, facts: _Facts) -> str | None:
+        raw = pglast.parse_sql(sql)
+        if not raw:
+            return None  # an empty query: PostgreSQL answers EmptyQueryResponse
+        if extended and len(raw) > 1:
+            raise Refusal(
+                "pgwarden: a prepared statement must hold exactly one command; refused",
+                sqlstate="42601",
+            )
+        return "; ".join(self._statement(role, stmt.stmt, facts) for stmt in raw)
+
+    def _statement(self, role: RoleView, stmt: ast.Node, facts: _Facts) -> str:
+        kind = _QUERY_KINDS.get(type(stmt))
+        if kind is not None:
+            self._require(role, kind, facts)
+            return self._query(role, stmt, facts)
+        if isinstance(stmt, ast.CopyStmt):
+            return self._copy(role, stmt, facts)
+        if isinstance(stmt, ast.DeclareCursorStmt):
+            self._require(role, "select", facts)
+            stmt.query = pglast.parse_sql(self._query(role, stmt.query, facts))[0].stmt
+            return deparse(stmt)
+        if isinstance(stmt, _SESSION):
+            _check_session(stmt)
+            facts.kinds.append("session")
+            return deparse(stmt)
+        if isinstance(stmt, _UTILITY):
+            self._require(role, "utility", facts)
+            return deparse(stmt)
+        raise Refusal(
+            f"pgwarden: {_tag(stmt)} is not allowed for restricted roles; refused",
+            f"Role {role.name} may run: {', '.join(sorted(role.role.statements)) or 'nothing'}, "
+            "and session commands (BEGIN, COMMIT, SET of presentation settings, SHOW, FETCH).",
+        )
+
+    def _require(self, role: RoleView, kind: StatementKind, facts: _Facts) -> None:
+        if kind not in role.role.statements:
+            raise Refusal(
+                f'pgwarden: role "{role.name}" may not run {kind.upper().replace("_", " ")} statements; refused',
+                f"Statements of role {role.name}: {', '.join(sorted(role.role.statements)) or 'none'}.",
+            )
+        facts.kinds.append(kind)
+
+    def _query(self, role: RoleView, stmt: ast.Node, facts: _Facts) -> str:
+        if isinstance(stmt, ast.SelectStmt) and (stmt.intoClause or stmt.lockingClause):
+            raise Refusal(
+                "pgwarden: SELECT INTO and FOR UPDATE/SHARE are refused for restricted roles"
+            )
+        canonical = deparse(stmt)
+        try:
+            tree = sqlglot.parse_one(canonical, read="postgres", error_level=ErrorLevel.RAISE)
+        except SqlglotError as error:
+            raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601") from error
+        if isinstance(tree, exp.Command) or tree is None:
+            raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601")
+        rewriter = Rewriter(role, self.snapshot)
+        rewritten = rewriter.run(tree)
+        facts.tables |= rewriter.outcome.tables
+        facts.masked |= rewriter.outcome.protected
+        facts.lookups += rewriter.outcome.lookups
+        try:
+            text = rewritten.sql(
+                dialect="postgres", unsupported_level=ErrorLevel.RAISE, comments=False
+            )
+        except SqlglotError as error:
+            raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601") from error
+        Verifier(role, self.snapshot).check_text(text)
+        return text
+
+    def _copy(self, role: RoleView, stmt: ast.CopyStmt, facts: _Facts) -> str:
+        if stmt.filename is not None or stmt.is_program:
+            raise Refusal(
+                "pgwarden: COPY to or from a server file or program is refused",
+                "Use COPY ... TO STDOUT or FROM STDIN.",
+            )
+        if stmt.is_from:
+            self._require(role, "copy_in", facts)
+            relation = self.snapshot.resolve(stmt.relation.schemaname, stmt.relation.relname)
+            if relation is None:
+                raise Refusal(
+                    f'pgwarden: relation "{stmt.relation.relname}" is unknown to pgwarden; refused'
+                )
+            role.authorise(relation)
+            if stmt.whereClause is not None:
+                raise Refusal("pgwarden: COPY FROM ... WHERE is refused for restricted roles")
+            stmt.relation.schemaname = relation.schema
+            facts.tables.add(relation.qualified)
+            return deparse(stmt)
+        self._require(role, "copy_out", facts)
+        query = stmt.query
+        if query is None:
+            columns = ", ".join(deparse(c) for c in stmt.attlist or ()) or "*"
+            query = pglast.parse_sql(f"SELECT {columns} FROM {deparse(stmt.relation)}")[0].stmt
+        stmt.query = pglast.parse_sql(self._query(role, query, facts))[0].stmt
+        stmt.relation = None
+        stmt.attlist = None
+        return deparse(stmt)
+
+
+_PARSE_MESSAGE = "pgwarden: statement could not be parsed; refused"
+
+
+def _check_session(stmt: ast.Node) -> None:
+    if isinstance(stmt, ast.TransactionStmt) and stmt.kind in _TWO_PHASE:
+        raise Refusal("pgwarden: two-phase commit commands are refused for restricted roles")
+    if isinstance(stmt, ast.VariableSetStmt):
+        if stmt.kind == VariableSetKind.VAR_RESET_ALL:
+            return
+        name = (stmt.name or "").lower()
+        if name not in SAFE_SETTINGS and name not in _SET_FREE:
+            raise Refusal(
+                f'pgwarden: setting "{name}" may not be changed by restricted roles; refused',
+                "Presentation and timeout settings (application_name, DateStyle, TimeZone, "
+                "extra_float_digits, statement_timeout, ...) may be set.",
+            )
+
+
+def _tag(stmt: ast.Node) -> str:
+    name = type(stmt).__name__.removesuffix("Stmt")
+    words = "".join(" " + ch if ch.isupper() else ch for ch in name).strip().upper()
+    return {"EXPLAIN": "EXPLAIN", "DO": "DO", "EXECUTE": "EXECUTE", "PREPARE": "PREPARE"}.get(
+        words, words
+    )
+
+
+def _refused(refusal: Refusal, facts: _Facts) -> Evaluation:
+    return Evaluation(
+        False,
+        kinds=tuple(facts.kinds),
+        tables=tuple(sorted(facts.tables)),
+        sqlstate=refusal.sqlstate,
+        message=refusal.message,
+        hint=refusal.hint,
+        reasons=(refusal.message.removeprefix("pgwarden: "),),
+        unknown_relation=refusal.unknown_relation,
+    )
+
+
+def _unexpected(error: Exception) -> Refusal:
+    return Refusal(
+        f"pgwarden: the statement could not be analysed ({type(error).__name__}); refused",
+        "This is a limitation of pgwarden's analysis; rephrase the statement or report it.",
+    )

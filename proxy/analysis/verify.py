@@ -1,0 +1,294 @@
+"""The second opinion: PostgreSQL's own grammar checks the SQL pgwarden will send.
+
+Strategy: the rewritten text is parsed again with libpg_query (pglast), the parser
+PostgreSQL itself uses, and the tree is checked against closed lists, independently
+of how sqlglot understood the client's text. Whatever the first analysis got wrong,
+the statement that reaches the database must pass here:
+
+* every node type is on NODE_TYPES (anything else: refused);
+* every function is on the allowlist (by the name PostgreSQL will call);
+* every relation is schema-qualified and readable by the role, or is the name of a
+  WITH query that no relation shares;
+* every relation with protected columns appears only as the single FROM item of a
+  select that projects exactly the role's masks (the derived table), or of a
+  primary-key look-up select whose filter compares look-up columns with constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pglast import ast, parse_sql
+from pglast.enums import A_Expr_Kind
+from pglast.stream import RawStream
+
+from proxy.analysis.allowlists import DANGEROUS_FUNCTIONS, SAFE_FUNCTIONS
+from proxy.analysis.catalog import Snapshot
+from proxy.analysis.rewrite_errors import Refusal
+from proxy.analysis.roles import RoleView, Visibility
+
+NODE_TYPES = frozenset(
+    [
+        "RawStmt",
+        "SelectStmt",
+        "InsertStmt",
+        "UpdateStmt",
+        "DeleteStmt",
+        "ResTarget",
+        "ColumnRef",
+        "A_Star",
+        "A_Const",
+        "String",
+        "Integer",
+        "Float",
+        "Boolean",
+        "BitString",
+        "A_Expr",
+        "BoolExpr",
+        "FuncCall",
+        "TypeCast",
+        "TypeName",
+        "RangeVar",
+        "RangeSubselect",
+        "RangeFunction",
+        "RangeTableSample",
+        "JoinExpr",
+        "SortBy",
+        "SubLink",
+        "CaseExpr",
+        "CaseWhen",
+        "CoalesceExpr",
+        "MinMaxExpr",
+        "NullTest",
+        "BooleanTest",
+        "ParamRef",
+        "WithClause",
+        "CommonTableExpr",
+        "Alias",
+        "A_ArrayExpr",
+        "A_Indirection",
+        "A_Indices",
+        "RowExpr",
+        "SQLValueFunction",
+        "WindowDef",
+        "GroupingSet",
+        "CollateClause",
+        "MultiAssignRef",
+        "SetToDefault",
+        "NamedArgExpr",
+        "ReturningClause",
+    ]
+)
+
+
+def walk(node: Any) -> Iterator[tuple[ast.Node, tuple[ast.Node, ...]]]:
+    """Every node under `node` with its chain of ancestors (nearest last)."""
+    stack: list[tuple[Any, tuple[ast.Node, ...]]] = [(node, ())]
+    while stack:
+        item, parents = stack.pop()
+        if isinstance(item, tuple | list):
+            stack.extend((child, parents) for child in item)
+            continue
+        if not isinstance(item, ast.Node):
+            continue
+        yield item, parents
+        below = (*parents, item)
+        for slot in item.__slots__:
+            value = getattr(item, slot, None)
+            if isinstance(value, ast.Node | tuple | list):
+                stack.append((value, below))
+
+
+def deparse(node: ast.Node) -> str:
+    return str(RawStream()(node))
+
+
+class Verifier:
+    """Checks one rewritten statement for one role."""
+
+    def __init__(self, role: RoleView, snapshot: Snapshot) -> None:
+        self.role = role
+        self.snapshot = snapshot
+
+    def check_text(self, sql: str) -> None:
+        statements = parse_sql(sql)
+        if len(statements) != 1:
+            raise _broken("the rewritten statement did not parse as one statement")
+        self.check(statements[0].stmt)
+
+    def check(self, stmt: ast.Node) -> None:
+        ctes = {n.ctename for n, _ in walk(stmt) if isinstance(n, ast.CommonTableExpr)}
+        for node, parents in walk(stmt):
+            name = type(node).__name__
+            if name not in NODE_TYPES:
+                raise Refusal(
+                    f"pgwarden: {_construct(name)} is not supported for restricted roles; refused",
+                    "Plain SELECT statements with joins, subqueries, WITH, aggregates and "
+                    "window functions are supported.",
+                )
+            if isinstance(node, ast.FuncCall):
+                check_function(node)
+            elif isinstance(node, ast.RangeVar):
+                self._check_relation(node, parents, ctes)
+            elif isinstance(node, ast.SelectStmt) and (node.intoClause or node.lockingClause):
+                raise Refusal(
+                    "pgwarden: SELECT INTO and FOR UPDATE/SHARE are refused for restricted roles"
+                )
+
+    def _check_relation(
+        self, node: ast.RangeVar, parents: tuple[ast.Node, ...], ctes: set[str]
+    ) -> None:
+        if node.catalogname:
+            raise _broken("three-part name")
+        if not node.schemaname:
+            if node.relname not in ctes or self.snapshot.resolve(None, node.relname) is not None:
+                raise _broken(f'unqualified relation "{node.relname}"')
+            return
+        relation = self.snapshot.resolve(node.schemaname, node.relname)
+        if relation is None:
+            raise _broken(f"unknown relation {node.schemaname}.{node.relname}")
+        self.role.authorise(relation)
+        view = self.role.visibility(relation)
+        if view.protected and not self._is_masked_read(node, parents, view):
+            raise _broken(f"{relation.qualified} read outside its mask")
+
+    def _is_masked_read(
+        self, node: ast.RangeVar, parents: tuple[ast.Node, ...], view: Visibility
+    ) -> bool:
+        holder: ast.Node = node
+        chain = list(parents)
+        if chain and isinstance(chain[-1], ast.RangeTableSample):
+            holder = chain.pop()
+        if not chain or not isinstance(chain[-1], ast.SelectStmt):
+            if chain and isinstance(chain[-1], ast.InsertStmt) and chain[-1].relation is node:
+                return not chain[-1].returningClause and not chain[-1].onConflictClause
+            return False
+        select = chain[-1]
+        if tuple(select.fromClause or ()) != (holder,) or not _plain(select):
+            return False
+        if select.whereClause is None:
+            return self._is_derived(select, view) and _is_from_item(chain)
+        return (
+            self._is_lookup(select, view) and len(chain) >= 2 and isinstance(chain[-2], ast.SubLink)
+        )
+
+    def _is_derived(self, select: ast.SelectStmt, view: Visibility) -> bool:
+        expected = {c.name: _expected_projection(view, c.name) for c in view.relation.columns}
+        allowed = {text for text in expected.values() if text is not None}
+        for target in select.targetList or ():
+            if not isinstance(target, ast.ResTarget) or deparse(target.val) not in allowed:
+                return False
+        return True
+
+    def _is_lookup(self, select: ast.SelectStmt, view: Visibility) -> bool:
+        pk = view.relation.primary_key
+        targets = [t.val for t in select.targetList or () if isinstance(t, ast.ResTarget)]
+        names = [_column_name(t) for t in targets]
+        if not pk or names != list(pk) or any(view.protected_column(k) for k in pk):
+            return False
+        return _lookup_filter(select.whereClause, view)
+
+
+_DERIVED_CACHE: dict[tuple[int, str], str | None] = {}
+
+
+def _expected_projection(view: Visibility, column: str) -> str | None:
+    key = (id(view), column)
+    if key not in _DERIVED_CACHE:
+        text = view.projection_sql(column)
+        if text is None:
+            _DERIVED_CACHE[key] = None
+        else:
+            select = parse_sql(f"SELECT {text}")[0].stmt
+            _DERIVED_CACHE[key] = deparse(select.targetList[0].val)
+    return _DERIVED_CACHE[key]
+
+
+def _plain(select: ast.SelectStmt) -> bool:
+    return not (
+        select.withClause
+        or select.distinctClause
+        or select.groupClause
+        or select.havingClause
+        or select.windowClause
+        or select.sortClause
+        or select.limitCount
+        or select.limitOffset
+        or select.valuesLists
+        or select.intoClause
+        or select.lockingClause
+        or select.larg
+        or select.rarg
+    )
+
+
+def _is_from_item(chain: list[ast.Node]) -> bool:
+    return len(chain) >= 2 and isinstance(chain[-2], ast.RangeSubselect)
+
+
+def _column_name(node: ast.Node) -> str | None:
+    if (
+        isinstance(node, ast.ColumnRef)
+        and len(node.fields) == 1
+        and isinstance(node.fields[0], ast.String)
+    ):
+        return str(node.fields[0].sval)
+    return None
+
+
+def _constant(node: ast.Node) -> bool:
+    if isinstance(node, ast.TypeCast):
+        return _constant(node.arg)
+    return isinstance(node, ast.A_Const | ast.ParamRef)
+
+
+def _lookup_filter(node: ast.Node, view: Visibility) -> bool:
+    if not isinstance(node, ast.A_Expr) or node.kind not in _LOOKUP_KINDS:
+        return False
+    column = _column_name(node.lexpr)
+    if column is None or not view.lookup(column):
+        return False
+    if [s.sval for s in node.name or ()] != ["="]:
+        return False
+    values = node.rexpr if isinstance(node.rexpr, tuple | list) else (node.rexpr,)
+    return all(_constant(v) for v in values)
+
+
+_LOOKUP_KINDS = (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_IN)
+
+
+def check_function(node: ast.FuncCall) -> None:
+    """Refuse a call to anything but an allowlisted built-in."""
+    names = [s.sval for s in node.funcname]
+    name = names[-1].lower() if names else ""
+    qualified_ok = len(names) == 1 or (len(names) == 2 and names[0] == "pg_catalog")
+    if qualified_ok and name in SAFE_FUNCTIONS:
+        return
+    reason = DANGEROUS_FUNCTIONS.get(name)
+    why = f"({reason})" if reason else "is not on the allowlist of safe built-in functions"
+    raise Refusal(
+        f"pgwarden: function {'.'.join(names)}() {why}; refused",
+        "Built-in string, number, date, aggregate, JSON and catalog functions are allowed; "
+        "see docs/policy.md for the list.",
+    )
+
+
+def _construct(node_type: str) -> str:
+    return {
+        "XmlExpr": "XML construction",
+        "XmlSerialize": "XMLSERIALIZE",
+        "RangeTableFunc": "XMLTABLE",
+        "JsonTable": "JSON_TABLE",
+        "CurrentOfExpr": "WHERE CURRENT OF",
+        "OnConflictClause": "ON CONFLICT",
+        "LockingClause": "FOR UPDATE/SHARE",
+        "IntoClause": "SELECT INTO",
+    }.get(node_type, f"the construct {node_type}")
+
+
+def _broken(what: str) -> Refusal:
+    return Refusal(
+        f"pgwarden: the statement could not be verified ({what}); refused",
+        "This is a limitation of pgwarden's analysis; rephrase the statement or report it.",
+    )
