@@ -25,8 +25,9 @@ outlives either.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pglast
 import sqlglot
@@ -44,6 +45,7 @@ from proxy.analysis.roles import RoleView
 from proxy.analysis.verify import Verifier, deparse
 from proxy.policy.model import Policy, StatementKind
 
+PgNode = Any  # pglast's node classes are loosely typed
 PARSE_HINT = "Check the statement's syntax; pgwarden forwards only statements it can parse."
 
 _QUERY_KINDS: Mapping[type, StatementKind] = {
@@ -192,7 +194,7 @@ class Engine:
             )
         return "; ".join(self._statement(role, stmt.stmt, facts) for stmt in raw)
 
-    def _statement(self, role: RoleView, stmt: ast.Node, facts: _Facts) -> str:
+    def _statement(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:
         kind = _QUERY_KINDS.get(type(stmt))
         if kind is not None:
             self._require(role, kind, facts)
@@ -219,25 +221,27 @@ class Engine:
     def _require(self, role: RoleView, kind: StatementKind, facts: _Facts) -> None:
         if kind not in role.role.statements:
             raise Refusal(
-                f'pgwarden: role "{role.name}" may not run {kind.upper().replace("_", " ")} statements; refused',
-                f"Statements of role {role.name}: {', '.join(sorted(role.role.statements)) or 'none'}.",
+                f'pgwarden: role "{role.name}" may not run {_KIND_WORDS[kind]} statements; refused',
+                f"Statements of role {role.name}: {_listing(role.role.statements)}.",
             )
         facts.kinds.append(kind)
 
-    def _query(self, role: RoleView, stmt: ast.Node, facts: _Facts) -> str:
+    def _query(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:
         if isinstance(stmt, ast.SelectStmt) and (stmt.intoClause or stmt.lockingClause):
             raise Refusal(
                 "pgwarden: SELECT INTO and FOR UPDATE/SHARE are refused for restricted roles"
             )
         canonical = deparse(stmt)
         try:
-            tree = sqlglot.parse_one(canonical, read="postgres", error_level=ErrorLevel.RAISE)
+            tree: exp.Expr = sqlglot.parse_one(
+                canonical, read="postgres", error_level=ErrorLevel.RAISE
+            )
         except SqlglotError as error:
             raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601") from error
         if isinstance(tree, exp.Command) or tree is None:
             raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601")
         rewriter = Rewriter(role, self.snapshot)
-        rewritten = rewriter.run(tree)
+        rewritten = rewriter.run(cast("exp.Expression", tree))
         facts.tables |= rewriter.outcome.tables
         facts.masked |= rewriter.outcome.protected
         facts.lookups += rewriter.outcome.lookups
@@ -250,7 +254,7 @@ class Engine:
         Verifier(role, self.snapshot).check_text(text)
         return text
 
-    def _copy(self, role: RoleView, stmt: ast.CopyStmt, facts: _Facts) -> str:
+    def _copy(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:
         if stmt.filename is not None or stmt.is_program:
             raise Refusal(
                 "pgwarden: COPY to or from a server file or program is refused",
@@ -273,7 +277,8 @@ class Engine:
         query = stmt.query
         if query is None:
             columns = ", ".join(deparse(c) for c in stmt.attlist or ()) or "*"
-            query = pglast.parse_sql(f"SELECT {columns} FROM {deparse(stmt.relation)}")[0].stmt
+            table = deparse(stmt.relation)
+            query = pglast.parse_sql(f"SELECT {columns} FROM {table}")[0].stmt  # noqa: S608 - deparsed names
         stmt.query = pglast.parse_sql(self._query(role, query, facts))[0].stmt
         stmt.relation = None
         stmt.attlist = None
@@ -281,9 +286,18 @@ class Engine:
 
 
 _PARSE_MESSAGE = "pgwarden: statement could not be parsed; refused"
+_KIND_WORDS: Mapping[str, str] = {
+    "copy_out": "COPY ... TO",
+    "copy_in": "COPY ... FROM",
+    **{k: k.upper() for k in ("select", "insert", "update", "delete", "ddl", "utility")},
+}
 
 
-def _check_session(stmt: ast.Node) -> None:
+def _listing(items: Iterable[str]) -> str:
+    return ", ".join(sorted(items)) or "none"
+
+
+def _check_session(stmt: PgNode) -> None:
     if isinstance(stmt, ast.TransactionStmt) and stmt.kind in _TWO_PHASE:
         raise Refusal("pgwarden: two-phase commit commands are refused for restricted roles")
     if isinstance(stmt, ast.VariableSetStmt):
@@ -298,7 +312,7 @@ def _check_session(stmt: ast.Node) -> None:
             )
 
 
-def _tag(stmt: ast.Node) -> str:
+def _tag(stmt: PgNode) -> str:
     name = type(stmt).__name__.removesuffix("Stmt")
     words = "".join(" " + ch if ch.isupper() else ch for ch in name).strip().upper()
     return {"EXPLAIN": "EXPLAIN", "DO": "DO", "EXECUTE": "EXECUTE", "PREPARE": "PREPARE"}.get(

@@ -22,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 from proxy.policy.model import ColumnRule
 
@@ -53,7 +54,10 @@ def mask_sql(rule: ColumnRule, column: str, column_type: str, hash_key: bytes | 
     if mask == "email":
         return f"REGEXP_REPLACE({c}, '^(.)[^@]*', '\\1***')"
     if mask == "last4":
-        return f"CASE WHEN LENGTH({c}) > 4 THEN '***' || RIGHT({c}, 4) WHEN NOT {c} IS NULL THEN '***' END"
+        return (
+            f"CASE WHEN LENGTH({c}) > 4 THEN '***' || RIGHT({c}, 4) "
+            f"WHEN NOT {c} IS NULL THEN '***' END"
+        )
     if mask == "initials":
         return f"REGEXP_REPLACE({c}, '(\\w)\\w*', '\\1.', 'g')"
     if mask == "partial":
@@ -76,6 +80,4 @@ def mask_sql(rule: ColumnRule, column: str, column_type: str, hash_key: bytes | 
 
 def hash_value(value: str, key: bytes) -> str:
     """What the hash mask shows for `value` (for tests and `pgwarden trace`)."""
-    import hmac
-
     return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:16]

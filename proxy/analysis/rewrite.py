@@ -102,6 +102,9 @@ class Rewriter:
             self._sources[id(scope)] = self._scope_sources(scope)
         for column in list(root.find_all(exp.Column)):
             self._check_column(column)
+        for star in list(root.find_all(exp.Star)):
+            if isinstance(star.parent, exp.Select) and star.arg_key == "expressions":
+                self._check_star(star, "")
         self._push_lookups(root)
         for source in list(self._by_table.values()):
             if source.rewritten:
@@ -141,7 +144,7 @@ class Rewriter:
             self._check_table_args(table, relation)
 
     def _is_cte(self, table: exp.Table, name: str) -> bool:
-        node: exp.Expression = table
+        node: exp.Expr = table
         while node.parent is not None:
             parent = node.parent
             with_ = parent.args.get("with_") if isinstance(parent, exp.Expression) else None
@@ -176,7 +179,8 @@ class Rewriter:
         extra = [k for k, v in table.args.items() if v not in (None, False) and k not in allowed]
         if extra:
             raise Refusal(
-                f"pgwarden: unsupported clause on {relation.qualified} ({', '.join(sorted(extra))}); refused"
+                f"pgwarden: unsupported clause on {relation.qualified} "
+                f"({', '.join(sorted(extra))}); refused"
             )
 
     def _fill_columns(self, source: Source, table: exp.Table, relation: Relation) -> None:
@@ -197,8 +201,8 @@ class Rewriter:
                 target = self._target_source(node.this)
                 if target is not None and target.rewritten:
                     raise Refusal(
-                        f"pgwarden: {target.relation.qualified if target.relation else ''} has protected "
-                        f"columns; {type(node).__name__.upper()} of it is refused",
+                        f"pgwarden: {target.alias} has protected columns; "
+                        f"{type(node).__name__.upper()} of it is refused",
                         "Your role may read this table only through its masks.",
                     )
             elif isinstance(node, exp.Insert):
@@ -206,7 +210,8 @@ class Rewriter:
                 if target is not None and target.rewritten:
                     if node.args.get("returning") or node.args.get("conflict"):
                         raise Refusal(
-                            "pgwarden: RETURNING and ON CONFLICT are refused on a table with protected columns"
+                            "pgwarden: RETURNING and ON CONFLICT are refused on a table "
+                            "with protected columns"
                         )
                     target.view = None  # a write target is not read: no derived table
 
@@ -296,7 +301,8 @@ class Rewriter:
         relation = source.relation.qualified if source.relation else source.alias
         how = "* expands over" if star else "the statement uses"
         return Refusal(
-            f'pgwarden: {how} column "{raw}" of {relation}, which role "{self.role.name}" may not see; refused',
+            f'pgwarden: {how} column "{raw}" of {relation}, which role '
+            f'"{self.role.name}" may not see; refused',
             self.role.columns_hint(source.relation) if source.relation else "",
         )
 
@@ -334,7 +340,8 @@ class Rewriter:
             return
         column, source, values = target
         relation = source.relation
-        assert relation is not None and source.view is not None
+        assert relation is not None
+        assert source.view is not None
         raw = source.base[ident_name(column.this)]
         inner = exp.select(*[exp.column(k, quoted=True) for k in relation.primary_key])
         inner = inner.from_(exp.table_(relation.name, db=relation.schema, quoted=True))
@@ -396,8 +403,10 @@ class Rewriter:
     def _replace(self, source: Source) -> None:
         table = source.node
         relation, view = source.relation, source.view
-        assert isinstance(table, exp.Table) and relation is not None and view is not None
-        projections: list[exp.Expression] = []
+        assert isinstance(table, exp.Table)
+        assert relation is not None
+        assert view is not None
+        projections: list[exp.Expr] = []
         for visible, raw in source.base.items():
             expr = view.projection(raw)
             if expr is not None:

@@ -18,8 +18,9 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
-from sqlglot import exp
+from sqlglot import exp, parse_one
 
 from proxy.analysis.allowlists import CATALOG_RELATIONS
 from proxy.analysis.catalog import CATALOG_SCHEMAS, KIND_NAMES, Relation
@@ -77,9 +78,7 @@ class Visibility:
         text = self.projection_sql(column)
         if text is None:
             return None
-        from sqlglot import parse_one
-
-        return parse_one(text, read="postgres")
+        return cast("exp.Expression", parse_one(text, read="postgres"))
 
 
 class RoleView:
@@ -96,9 +95,11 @@ class RoleView:
         if relation.schema in CATALOG_SCHEMAS:
             if (relation.schema, relation.name) not in CATALOG_RELATIONS:
                 raise Refusal(
-                    f"pgwarden: catalog relation {relation.qualified} is not readable by restricted roles; refused",
+                    f"pgwarden: catalog relation {relation.qualified} is not readable "
+                    "by restricted roles; refused",
                     "Catalog tables that describe objects (pg_class, pg_attribute, "
-                    "information_schema.columns, ...) are readable; statistics and activity views are not.",
+                    "information_schema.columns, ...) are readable; statistics and "
+                    "activity views are not.",
                 )
             return
         if relation.kind not in KIND_NAMES:
@@ -114,7 +115,8 @@ class RoleView:
             " (views and foreign tables must be listed by their exact name)" if exact_only else ""
         )
         raise Refusal(
-            f'pgwarden: role "{self.name}" may not read {what} {relation.qualified}{extra}; refused',
+            f'pgwarden: role "{self.name}" may not read {what} '
+            f"{relation.qualified}{extra}; refused",
             f"Tables of role {self.name}: {', '.join(self.role.tables) or 'none'}.",
         )
 

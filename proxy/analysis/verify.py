@@ -17,7 +17,7 @@ the statement that reaches the database must pass here:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from pglast import ast, parse_sql
 from pglast.enums import A_Expr_Kind
@@ -27,6 +27,8 @@ from proxy.analysis.allowlists import DANGEROUS_FUNCTIONS, SAFE_FUNCTIONS
 from proxy.analysis.catalog import Snapshot
 from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView, Visibility
+
+PgNode = Any  # pglast's node classes are loosely typed; checked at run time instead
 
 NODE_TYPES = frozenset(
     [
@@ -82,9 +84,9 @@ NODE_TYPES = frozenset(
 )
 
 
-def walk(node: Any) -> Iterator[tuple[ast.Node, tuple[ast.Node, ...]]]:
+def walk(node: Any) -> Iterator[tuple[PgNode, tuple[PgNode, ...]]]:
     """Every node under `node` with its chain of ancestors (nearest last)."""
-    stack: list[tuple[Any, tuple[ast.Node, ...]]] = [(node, ())]
+    stack: list[tuple[Any, tuple[PgNode, ...]]] = [(node, ())]
     while stack:
         item, parents = stack.pop()
         if isinstance(item, tuple | list):
@@ -94,13 +96,13 @@ def walk(node: Any) -> Iterator[tuple[ast.Node, tuple[ast.Node, ...]]]:
             continue
         yield item, parents
         below = (*parents, item)
-        for slot in item.__slots__:
+        for slot in cast("Any", item).__slots__:
             value = getattr(item, slot, None)
             if isinstance(value, ast.Node | tuple | list):
                 stack.append((value, below))
 
 
-def deparse(node: ast.Node) -> str:
+def deparse(node: PgNode) -> str:
     return str(RawStream()(node))
 
 
@@ -117,8 +119,8 @@ class Verifier:
             raise _broken("the rewritten statement did not parse as one statement")
         self.check(statements[0].stmt)
 
-    def check(self, stmt: ast.Node) -> None:
-        ctes = {n.ctename for n, _ in walk(stmt) if isinstance(n, ast.CommonTableExpr)}
+    def check(self, stmt: PgNode) -> None:
+        ctes = {str(n.ctename) for n, _ in walk(stmt) if isinstance(n, ast.CommonTableExpr)}
         for node, parents in walk(stmt):
             name = type(node).__name__
             if name not in NODE_TYPES:
@@ -136,9 +138,7 @@ class Verifier:
                     "pgwarden: SELECT INTO and FOR UPDATE/SHARE are refused for restricted roles"
                 )
 
-    def _check_relation(
-        self, node: ast.RangeVar, parents: tuple[ast.Node, ...], ctes: set[str]
-    ) -> None:
+    def _check_relation(self, node: PgNode, parents: tuple[PgNode, ...], ctes: set[str]) -> None:
         if node.catalogname:
             raise _broken("three-part name")
         if not node.schemaname:
@@ -153,10 +153,8 @@ class Verifier:
         if view.protected and not self._is_masked_read(node, parents, view):
             raise _broken(f"{relation.qualified} read outside its mask")
 
-    def _is_masked_read(
-        self, node: ast.RangeVar, parents: tuple[ast.Node, ...], view: Visibility
-    ) -> bool:
-        holder: ast.Node = node
+    def _is_masked_read(self, node: PgNode, parents: tuple[PgNode, ...], view: Visibility) -> bool:
+        holder: PgNode = node
         chain = list(parents)
         if chain and isinstance(chain[-1], ast.RangeTableSample):
             holder = chain.pop()
@@ -173,7 +171,7 @@ class Verifier:
             self._is_lookup(select, view) and len(chain) >= 2 and isinstance(chain[-2], ast.SubLink)
         )
 
-    def _is_derived(self, select: ast.SelectStmt, view: Visibility) -> bool:
+    def _is_derived(self, select: PgNode, view: Visibility) -> bool:
         expected = {c.name: _expected_projection(view, c.name) for c in view.relation.columns}
         allowed = {text for text in expected.values() if text is not None}
         for target in select.targetList or ():
@@ -181,7 +179,7 @@ class Verifier:
                 return False
         return True
 
-    def _is_lookup(self, select: ast.SelectStmt, view: Visibility) -> bool:
+    def _is_lookup(self, select: PgNode, view: Visibility) -> bool:
         pk = view.relation.primary_key
         targets = [t.val for t in select.targetList or () if isinstance(t, ast.ResTarget)]
         names = [_column_name(t) for t in targets]
@@ -200,12 +198,12 @@ def _expected_projection(view: Visibility, column: str) -> str | None:
         if text is None:
             _DERIVED_CACHE[key] = None
         else:
-            select = parse_sql(f"SELECT {text}")[0].stmt
+            select: PgNode = parse_sql(f"SELECT {text}")[0].stmt
             _DERIVED_CACHE[key] = deparse(select.targetList[0].val)
     return _DERIVED_CACHE[key]
 
 
-def _plain(select: ast.SelectStmt) -> bool:
+def _plain(select: PgNode) -> bool:
     return not (
         select.withClause
         or select.distinctClause
@@ -223,27 +221,26 @@ def _plain(select: ast.SelectStmt) -> bool:
     )
 
 
-def _is_from_item(chain: list[ast.Node]) -> bool:
+def _is_from_item(chain: list[PgNode]) -> bool:
     return len(chain) >= 2 and isinstance(chain[-2], ast.RangeSubselect)
 
 
-def _column_name(node: ast.Node) -> str | None:
-    if (
-        isinstance(node, ast.ColumnRef)
-        and len(node.fields) == 1
-        and isinstance(node.fields[0], ast.String)
-    ):
-        return str(node.fields[0].sval)
+def _column_name(node: PgNode) -> str | None:
+    if not isinstance(node, ast.ColumnRef):
+        return None
+    fields: tuple[Any, ...] = tuple(node.fields or ())
+    if len(fields) == 1 and isinstance(fields[0], ast.String):
+        return str(fields[0].sval)
     return None
 
 
-def _constant(node: ast.Node) -> bool:
+def _constant(node: PgNode) -> bool:
     if isinstance(node, ast.TypeCast):
         return _constant(node.arg)
     return isinstance(node, ast.A_Const | ast.ParamRef)
 
 
-def _lookup_filter(node: ast.Node, view: Visibility) -> bool:
+def _lookup_filter(node: PgNode, view: Visibility) -> bool:
     if not isinstance(node, ast.A_Expr) or node.kind not in _LOOKUP_KINDS:
         return False
     column = _column_name(node.lexpr)
@@ -258,7 +255,7 @@ def _lookup_filter(node: ast.Node, view: Visibility) -> bool:
 _LOOKUP_KINDS = (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_IN)
 
 
-def check_function(node: ast.FuncCall) -> None:
+def check_function(node: PgNode) -> None:
     """Refuse a call to anything but an allowlisted built-in."""
     names = [s.sval for s in node.funcname]
     name = names[-1].lower() if names else ""

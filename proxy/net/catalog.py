@@ -12,6 +12,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import asyncpg
 
@@ -55,21 +56,6 @@ def _relation(row: asyncpg.Record) -> Relation:
         columns=columns,
         primary_key=tuple(row["primary_key"] or ()),
     )
-
-
-async def load_snapshot(
-    dsn: str,
-    *,
-    password: str | None = None,
-    ssl_mode: str | ssl.SSLContext | bool = False,
-    timeout: float = 10.0,
-) -> Snapshot:
-    """Connect, read the snapshot, disconnect."""
-    conn = await asyncpg.connect(dsn, password=password, ssl=ssl_mode, timeout=timeout)
-    try:
-        return await read_snapshot(conn)
-    finally:
-        await conn.close()
 
 
 class SchemaKeeper:
@@ -132,7 +118,7 @@ class SchemaKeeper:
 
     async def load_once(self) -> bool:
         up = self.upstream
-        ssl_arg: ssl.SSLContext | str | bool
+        ssl_arg: ssl.SSLContext | Literal["prefer", "require"] | bool
         if up.tls == "disable":
             ssl_arg = False
         elif up.tls == "prefer":

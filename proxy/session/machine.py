@@ -582,7 +582,7 @@ class Session:
         self._stream_left -= n
         return data[n:] if n < len(data) else b""
 
-    def _scan(self, data: bytes) -> None:
+    def _scan(self, data: bytes) -> None:  # noqa: PLR0912, PLR0915 - one frame: the hot loop
         out = self.to_client
         view = memoryview(data)
         unpack = _LEN.unpack_from
@@ -605,11 +605,7 @@ class Session:
                 rows += 1
                 pos = end
                 continue
-            if (
-                (mtype == 84 or mtype == 83)
-                and self._guarded
-                and self._guard(mtype, data, pos, end)
-            ):
+            if mtype in _GUARDED_TYPES and self._guarded and self._guard(mtype, data, pos, end):
                 out.append(view[run:pos])
                 return  # the session is closed; nothing after this message is forwarded
             # Fast path for the common replies (a table lookup, no calls);
@@ -752,6 +748,7 @@ _COPY_IN_ALLOWED = frozenset({fe.COPY_DATA, fe.COPY_DONE, fe.COPY_FAIL, fe.SYNC,
 _COPY_HANDLERS = {t: h for t, h in _READY_HANDLERS.items() if t in _COPY_IN_ALLOWED}
 
 
+_GUARDED_TYPES = (84, 83)  # RowDescription, ParameterStatus
 # Settings whose change (reported by the server) ends a restricted session.
 _WATCHED = frozenset(
     {
