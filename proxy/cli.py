@@ -1,4 +1,4 @@
-"""Command line: `pgwarden serve | passwd | demo | check | explain | test | quota`.
+"""Command line: `pgwarden serve | passwd | demo | check | schema | explain | test | quota`.
 
 Each command is a small function that loads what it needs and hands over to
 the module that owns the work. Exit codes: 0 ok, 1 a reported failure (bad
@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from proxy import __version__
 from proxy.errors import ConfigError
+from proxy.policytools import ToolError
+
+if TYPE_CHECKING:
+    from proxy.analysis.catalog import Snapshot
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -102,6 +109,101 @@ async def _read_columns(dsn: str) -> list[tuple[str, str, str]]:
     return [(r["table_schema"], r["table_name"], r["column_name"]) for r in rows]
 
 
+UPSTREAM_PASSWORD_ENV = "PGWARDEN_UPSTREAM_PASSWORD"
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """Print (or write) the schema snapshot of a database as JSON."""
+    from proxy.policytools import portable, snapshot_json
+
+    snapshot = _live_snapshot(args.dsn)
+    text = snapshot_json(portable(snapshot) if args.portable else snapshot)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"pgwarden schema: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """The engine's verdict on one statement for one role, with the SQL it would send."""
+    from proxy.policytools import (
+        default_schema,
+        explain,
+        explain_json,
+        explain_text,
+        load_snapshot,
+        read_policy,
+        require_role,
+    )
+
+    policy_path = Path(args.policy)
+    policy = read_policy(policy_path)
+    require_role(policy, args.role)
+    source, base = args.schema, None
+    if source is None:
+        found = default_schema(policy_path)
+        if found is None:
+            tests = policy_path.with_name(policy_path.stem + ".tests.yaml")
+            _fail(f"no schema: pass --schema DSN_OR_JSON_FILE or put `schema:` in {tests}")
+        source, base = found
+    snapshot = load_snapshot(source, _live_snapshot, base=base)
+    result = explain(policy, snapshot, args.role, args.sql)
+    sys.stdout.write((explain_json(result) + "\n") if args.json else explain_text(result))
+    return result.exit_code
+
+
+def _test(args: argparse.Namespace) -> int:
+    from proxy.policytools import run_tests
+
+    return run_tests(Path(args.file), _live_snapshot, sys.stdout)
+
+
+def _fail(*lines: str) -> None:
+    from proxy.policytools import ToolError
+
+    raise ToolError(*lines)
+
+
+def _live_snapshot(dsn: str) -> Snapshot:
+    """The snapshot read from a database; the password from the DSN or the environment."""
+    import asyncpg
+
+    try:
+        return asyncio.run(_read_snapshot(dsn))
+    except (
+        OSError,
+        TimeoutError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
+        _fail(f"cannot read the schema from the database: {exc}")
+        raise  # unreachable: _fail raises
+
+
+async def _read_snapshot(dsn: str) -> Snapshot:
+    import asyncpg
+
+    from proxy.net.catalog import read_snapshot
+
+    password = None if urlsplit(dsn).password else os.environ.get(UPSTREAM_PASSWORD_ENV)
+    conn = await asyncpg.connect(
+        dsn,
+        password=password,
+        timeout=10,
+        server_settings={"application_name": "pgwarden schema"},
+    )
+    try:
+        return await read_snapshot(conn)
+    finally:
+        await conn.close()
+
+
 def _not_yet(args: argparse.Namespace) -> int:
     print(f"pgwarden {args.command}: not available in this version", file=sys.stderr)
     return 2
@@ -138,10 +240,34 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--schema", metavar="DSN", help="also check names against this database")
     c.set_defaults(func=_check)
 
-    for name in ("explain", "test", "quota"):
-        n = sub.add_parser(name, help="arrives with the policy and quota work")
-        n.add_argument("rest", nargs=argparse.REMAINDER)
-        n.set_defaults(func=_not_yet)
+    sc = sub.add_parser("schema", help="print a database's schema snapshot as JSON")
+    sc.add_argument("dsn", metavar="DSN", help="postgresql://USER[:PASSWORD]@HOST:PORT/DB")
+    sc.add_argument("-o", "--output", metavar="FILE", help="write the JSON here, not stdout")
+    sc.add_argument(
+        "--portable", action="store_true", help="leave out OIDs (a stable file for explain/test)"
+    )
+    sc.set_defaults(func=_schema)
+
+    e = sub.add_parser("explain", help="the verdict and rewritten SQL for one statement")
+    e.add_argument("-p", "--policy", required=True, help="POLICY.yaml")
+    e.add_argument("--role", required=True, help="a role of the policy")
+    e.add_argument(
+        "--schema",
+        metavar="DSN_OR_JSON_FILE",
+        help="a postgresql:// DSN, or a snapshot from `pgwarden schema` "
+        "(default: `schema:` of POLICY.tests.yaml beside the policy)",
+    )
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("sql", metavar="SQL")
+    e.set_defaults(func=_explain)
+
+    t = sub.add_parser("test", help="run policy unit tests (role + SQL -> expected verdict)")
+    t.add_argument("file", metavar="FILE.tests.yaml")
+    t.set_defaults(func=_test)
+
+    q = sub.add_parser("quota", help="arrives with the quota work")
+    q.add_argument("rest", nargs=argparse.REMAINDER)
+    q.set_defaults(func=_not_yet)
     return p
 
 
@@ -151,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"pgwarden: {exc.message}", file=sys.stderr)
+        return 2
+    except ToolError as exc:
+        print(*(f"pgwarden {args.command}: {line}" for line in exc.lines), sep="\n", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -102,3 +102,14 @@ def test_session_does_no_io(path: Path) -> None:
 @pytest.mark.parametrize("path", [p for p in modules() if not under(p, "analysis")], ids=rel)
 def test_only_analysis_imports_sqlglot(path: Path) -> None:
     assert not {top(n) for n in imported(path)} & {"sqlglot", "sqlglotc"}
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if not under(p, "analysis")], ids=rel)
+def test_only_analysis_imports_pglast(path: Path) -> None:
+    assert "pglast" not in {top(n) for n in imported(path)}
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if under(p, "analysis")], ids=rel)
+def test_analysis_does_no_io(path: Path) -> None:
+    io = EVENT_LOOPS | {"asyncpg", "socket", "ssl", "selectors", "subprocess", "logging", "structlog"}
+    assert not {top(n) for n in imported(path)} & io

@@ -1160,3 +1160,70 @@ def test_function_call_after_a_refused_parse_waits_for_sync(split: str) -> None:
     assert wire.to_server() == SYNC
     wire.server(READY_I)
     assert kinds(wire.to_client()) == "EZ"
+
+
+# --- the result-path backstop (restricted roles) -----------------------------------
+
+
+def origin_row_description(*origins: tuple[int, int]) -> bytes:
+    fields = b"".join(
+        b"c\0" + struct.pack("!ihihih", table, attnum, 25, -1, -1, 0) for table, attnum in origins
+    )
+    return msg(b"T", struct.pack("!h", len(origins)) + fields)
+
+
+def test_a_raw_protected_column_in_a_result_aborts_before_any_row(split: str) -> None:
+    wire = ready_wire(split)
+    gate_of(wire).forbidden = frozenset({(16386, 3)})
+    wire.client(fe.encode_query("SELECT id, email FROM customers"))
+    wire.to_server()
+    wire.server(
+        origin_row_description((16386, 1), (16386, 3))
+        + data_row(b"1", b"raw@example.com")
+        + command_complete("SELECT 1")
+        + READY_I
+    )
+    fields = fatal(wire)
+    assert fields["C"] == "42501"
+    assert b"raw@example.com" not in b"".join(wire.session.to_client)
+    assert (
+        "backstop.tripped",
+        {"what": "raw classified column in a result"},
+    ) in wire.session.events
+
+
+def test_allowed_origins_pass_the_backstop(split: str) -> None:
+    wire = ready_wire(split)
+    gate_of(wire).forbidden = frozenset({(16386, 3)})
+    wire.client(fe.encode_query("SELECT id FROM customers"))
+    wire.to_server()
+    reply = (
+        origin_row_description((16386, 1), (0, 0))
+        + data_row(b"1", b"x")
+        + command_complete("SELECT 1")
+        + READY_I
+    )
+    wire.server(reply)
+    assert wire.to_client() == reply
+
+
+@pytest.mark.parametrize(
+    "name", ["session_authorization", "standard_conforming_strings", "client_encoding"]
+)
+def test_a_changed_identity_or_lexing_setting_ends_a_restricted_session(
+    split: str, name: str
+) -> None:
+    wire = ready_wire(split)
+    wire.client(fe.encode_query("SELECT 1"))
+    wire.to_server()
+    wire.server(msg(b"S", name.encode() + b"\0changed\0") + command_complete("SELECT 1") + READY_I)
+    assert fatal(wire)["C"] == "42501"
+
+
+def test_an_unchanged_watched_setting_passes(split: str) -> None:
+    wire = ready_wire(split)
+    wire.client(fe.encode_query("RESET ALL"))
+    wire.to_server()
+    reply = msg(b"S", b"application_name\0x\0") + command_complete("RESET") + READY_I
+    wire.server(reply)
+    assert wire.to_client() == reply

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, cast
 
-from pglast import ast, parse_sql
+from pglast import ast, parse_sql, prettify
 from pglast.enums import A_Expr_Kind
 from pglast.stream import RawStream
 
@@ -289,3 +289,11 @@ def _broken(what: str) -> Refusal:
         f"pgwarden: the statement could not be verified ({what}); refused",
         "This is a limitation of pgwarden's analysis; rephrase the statement or report it.",
     )
+
+
+def pretty(sql: str) -> str:
+    """`sql` laid out for reading (explain output); unchanged if it does not parse."""
+    try:
+        return str(prettify(sql))
+    except Exception:  # noqa: BLE001 - display only
+        return sql

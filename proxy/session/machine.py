@@ -658,7 +658,7 @@ class Session:
             )
             return True
         name, value = be.decode_parameter_status(data[pos:end])
-        if name not in _WATCHED or self._watched.get(name, value) == value:
+        if name not in _WATCHED or self._watched.get(name) == value:
             return False
         self.events.append(("backstop.tripped", {"what": f"server reported a change of {name}"}))
         self._fatal(PolicyRefusal(f"pgwarden: the session changed {name}; connection closed"))

@@ -1,0 +1,411 @@
+"""Policy tools: `pgwarden explain`, `pgwarden test` and the snapshot file format.
+
+Strategy: both tools build the same `Engine` the proxy runs (proxy/analysis/engine.py)
+from a policy file, a schema snapshot and a hash key, and report its `Evaluation`.
+A snapshot is a JSON file (`pgwarden schema --portable -o FILE`) or a live database;
+reading a database needs an event loop, so the command line passes a
+`SnapshotReader` in and this module stays free of asyncio and network code.
+
+Rules:
+* Exit codes: 0 allowed / every case passed, 1 refused / a case failed, 2 a usage or
+  configuration error (raised here as `ToolError`, one message per line).
+* A tests file is read as marked YAML (safe_load semantics, positions kept) and
+  validated whole before any case runs: unknown keys, wrong types and unknown roles
+  are `file:line:col: key: message` errors, never skipped cases.
+* The hash key is env PGWARDEN_HASH_KEY; a policy that hashes without one gets a fixed
+  placeholder key, and the output says so: the verdicts are the same, the hashes are
+  not the ones the proxy would show.
+* Snapshot files are written one relation per line, sorted, so they diff well; with
+  `portable` the OIDs are left out (nothing offline needs them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from proxy.analysis.catalog import Snapshot
+from proxy.analysis.engine import Engine, Evaluation
+from proxy.policy.loader import (
+    MarkedDocument,
+    Policy,
+    PolicyError,
+    YamlError,
+    YamlPath,
+    compose_marked,
+    dotted,
+    load_policy,
+    where,
+)
+from proxy.policy.model import Role
+
+HASH_KEY_ENV = "PGWARDEN_HASH_KEY"  # the variable proxy/net/server.py reads
+PLACEHOLDER_HASH_KEY = b"pgwarden-explain-placeholder-key"
+PLACEHOLDER_NOTE = "hash key: placeholder (set PGWARDEN_HASH_KEY to see real hashes)"
+DSN_PREFIXES = ("postgresql://", "postgres://")
+
+SnapshotReader = Callable[[str], Snapshot]  # DSN -> the live snapshot
+
+
+class ToolError(Exception):
+    """A usage or configuration error (exit 2); `lines` are printed as they are."""
+
+    def __init__(self, *lines: str) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = list(lines)
+
+
+# --- snapshots ------------------------------------------------------------------------
+
+
+def is_dsn(text: str) -> bool:
+    return text.startswith(DSN_PREFIXES)
+
+
+def load_snapshot(source: str, read_live: SnapshotReader, *, base: Path | None = None) -> Snapshot:
+    """The snapshot named by `source`: a DSN read live, else a JSON file (relative to base)."""
+    if is_dsn(source):
+        return read_live(source)
+    path = Path(source) if base is None else base / source
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ToolError(f"{path}: cannot read the schema snapshot: {exc.strerror or exc}") from None
+    try:
+        return Snapshot.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ToolError(f"{path}: not a schema snapshot ({type(exc).__name__}: {exc})") from None
+
+
+def portable(snapshot: Snapshot) -> Snapshot:
+    """The same snapshot with every OID zeroed (stable across databases)."""
+    relations = [dataclasses.replace(r, oid=0) for r in snapshot.relations.values()]
+    return Snapshot.of(relations, snapshot.search_path)
+
+
+def snapshot_json(snapshot: Snapshot) -> str:
+    """Deterministic JSON that Snapshot.from_json reads: one relation per line, sorted."""
+    rows = []
+    for r in sorted(snapshot.relations.values(), key=lambda r: (r.schema, r.name)):
+        row: dict[str, Any] = {"schema": r.schema, "name": r.name, "kind": r.kind}
+        if r.oid:
+            row["oid"] = r.oid
+        if r.columns:
+            row["columns"] = [[c.name, c.attnum, c.type] for c in r.columns]
+        if r.primary_key:
+            row["primary_key"] = list(r.primary_key)
+        rows.append(json.dumps(row, ensure_ascii=False))
+    path = json.dumps(list(snapshot.search_path))
+    body = ",\n  ".join(rows)
+    return f'{{"search_path": {path},\n "relations": [\n  {body}\n ]}}\n'
+
+
+def default_schema(policy_path: Path) -> tuple[str, Path] | None:
+    """`schema:` of the tests file beside the policy (POLICY.tests.yaml) and its folder."""
+    tests = policy_path.with_name(policy_path.stem + ".tests.yaml")
+    try:
+        data = compose_marked(tests.read_text(encoding="utf-8")).data
+    except (OSError, UnicodeDecodeError, YamlError):
+        return None
+    schema = data.get("schema") if isinstance(data, dict) else None
+    return (schema, tests.parent) if isinstance(schema, str) and schema else None
+
+
+# --- engine set-up --------------------------------------------------------------------
+
+
+def hash_key_for(policy: Policy) -> tuple[bytes | None, bool]:
+    """(key, is_placeholder): env PGWARDEN_HASH_KEY, else a placeholder if the policy hashes."""
+    key = os.environ.get(HASH_KEY_ENV)
+    if key:
+        return key.encode(), False
+    if policy.uses_hash():
+        return PLACEHOLDER_HASH_KEY, True
+    return None, False
+
+
+def read_policy(path: Path) -> Policy:
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        raise ToolError(*exc.errors) from None
+
+
+def require_role(policy: Policy, role: str) -> Role:
+    found = policy.roles.get(role)
+    if found is None:
+        known = ", ".join(sorted(policy.roles)) or "none"
+        raise ToolError(f'unknown role "{role}" in {policy.source} (roles: {known})')
+    return found
+
+
+def row_cap(role: Role) -> dict[str, Any] | None:
+    limits = role.limits
+    if limits is None or limits.rows_per_query is None:
+        return None
+    return {"rows": limits.rows_per_query, "on_exceed": limits.on_exceed}
+
+
+# --- explain --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    role: Role
+    sql: str
+    evaluation: Evaluation
+    placeholder_key: bool
+
+    @property
+    def sent(self) -> str:
+        """The text that would reach the database."""
+        return self.evaluation.sql if self.evaluation.sql is not None else self.sql
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.evaluation.allowed else 1
+
+
+def explain(policy: Policy, snapshot: Snapshot, role: str, sql: str) -> Explanation:
+    """Evaluate `sql` for `role` as the proxy would."""
+    found = require_role(policy, role)
+    key, placeholder = hash_key_for(policy)
+    evaluation = Engine(policy, snapshot, key).evaluate(role, sql)
+    return Explanation(found, sql, evaluation, placeholder)
+
+
+def explain_json(x: Explanation) -> str:
+    ev = x.evaluation
+    out = {
+        "verdict": "allow" if ev.allowed else "refuse",
+        "role": x.role.name,
+        "sqlstate": ev.sqlstate or None,
+        "message": ev.message or None,
+        "hint": ev.hint or None,
+        "kinds": list(ev.kinds),
+        "tables": list(ev.tables),
+        "masked": list(ev.masked),
+        "lookups": ev.lookups,
+        "reasons": list(ev.reasons),
+        "sql": x.sent if ev.allowed else None,
+        "row_cap": row_cap(x.role),
+        "hash_key": "placeholder" if x.placeholder_key else None,
+    }
+    return json.dumps(out, indent=1, ensure_ascii=False)
+
+
+def explain_text(x: Explanation) -> str:
+    ev = x.evaluation
+    lines = [f"verdict: {'allow' if ev.allowed else 'refuse'} (role {x.role.name})"]
+    if not ev.allowed:
+        lines.append(f"sqlstate: {ev.sqlstate}")
+        lines.append(f"message: {ev.message}")
+        if ev.hint:
+            lines.append(f"hint: {ev.hint}")
+    lines.append(f"kinds: {_listing(ev.kinds)}")
+    lines.append(f"tables: {_listing(ev.tables)}")
+    lines.append(f"masked: {_listing(ev.masked)}")
+    lines.append("reasons:")
+    lines += [f"  - {reason}" for reason in ev.reasons]
+    cap = row_cap(x.role)
+    lines.append(f"row cap: {cap['rows']} ({cap['on_exceed']})" if cap else "row cap: none")
+    if x.placeholder_key:
+        lines.append(PLACEHOLDER_NOTE)
+    if ev.allowed:
+        unchanged = " (unchanged)" if ev.sql is None else ""
+        lines.append(f"sql{unchanged}:")
+        lines += ["  " + line for line in pretty_sql(x.sent).splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def pretty_sql(sql: str) -> str:
+    """pglast's pretty printer when it can read the text, else the text as is."""
+    try:
+        import pglast  # noqa: PLC0415 - optional nicety, the text is shown either way
+
+        return str(pglast.prettify(sql))
+    except Exception:  # noqa: BLE001 - any failure just means "show it as is"
+        return sql
+
+
+def _listing(items: Sequence[str]) -> str:
+    return ", ".join(items) or "none"
+
+
+# --- tests files ----------------------------------------------------------------------
+
+_TOP_KEYS = ("policy", "schema", "cases")
+_CASE_KEYS = ("name", "role", "sql", "expect", "sqlstate", "rewritten_contains")
+_EXPECT = ("allow", "refuse")
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    index: int
+    line: int
+    role: str
+    sql: str
+    expect: str
+    name: str | None = None
+    sqlstate: str | None = None
+    contains: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name else f"#{self.index + 1}"
+
+
+@dataclass(frozen=True, slots=True)
+class TestsFile:
+    path: Path
+    policy: Policy
+    schema: str
+    cases: tuple[Case, ...]
+
+
+class _Reader:
+    """Validates a tests document, collecting `file:line:col: key: message` errors."""
+
+    def __init__(self, path: Path, doc: MarkedDocument) -> None:
+        self.path = path
+        self.doc = doc
+        self.errors: list[str] = []
+
+    def error(self, at: YamlPath, message: str, *, key: bool = False) -> None:
+        label = f"{dotted(at)}: " if at else ""
+        self.errors.append(f"{where(self.path, self.doc.position(at, key=key))}: {label}{message}")
+
+    def mapping(self, at: YamlPath, value: object, keys: Sequence[str]) -> dict[str, object]:
+        if not isinstance(value, dict):
+            self.error(at, "must be a mapping")
+            return {}
+        for unknown in (k for k in value if k not in keys):
+            self.error((*at, unknown), f"unknown key (known: {', '.join(keys)})", key=True)
+        return value
+
+    def text(self, at: YamlPath, value: object, *, required: bool = True) -> str | None:
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            what = "is required" if value is None else "must be a non-empty string"
+            self.error(at, what)
+            return None
+        return value
+
+    def top(self) -> tuple[str | None, str | None, list[object]]:
+        data = self.mapping((), self.doc.data, _TOP_KEYS)
+        policy = self.text(("policy",), data.get("policy"))
+        schema = self.text(("schema",), data.get("schema"))
+        cases = data.get("cases")
+        if not isinstance(cases, list) or not cases:
+            self.error(("cases",), "must be a non-empty list of cases")
+            return policy, schema, []
+        return policy, schema, cases
+
+    def case(self, index: int, value: object, policy: Policy | None) -> Case | None:
+        at: YamlPath = ("cases", index)
+        data = self.mapping(at, value, _CASE_KEYS)
+        before = len(self.errors)
+        role = self.text((*at, "role"), data.get("role"))
+        if role is not None and policy is not None and role not in policy.roles:
+            known = ", ".join(sorted(policy.roles))
+            self.error((*at, "role"), f'unknown role "{role}" (roles: {known})')
+        sql = self.text((*at, "sql"), data.get("sql"))
+        expect = data.get("expect")
+        if expect not in _EXPECT:
+            self.error((*at, "expect"), "must be allow or refuse")
+        name = self.text((*at, "name"), data.get("name"), required=False)
+        sqlstate = self._sqlstate(at, data.get("sqlstate"), expect)
+        contains = self._contains(at, data.get("rewritten_contains"), expect)
+        if len(self.errors) > before or not data or role is None or sql is None:
+            return None
+        line = self.doc.position(at)
+        return Case(index, line[0] if line else 0, role, sql, str(expect), name, sqlstate, contains)
+
+    def _sqlstate(self, at: YamlPath, value: object, expect: object) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or len(value) != 5 or not value.isalnum():
+            self.error((*at, "sqlstate"), 'must be a quoted five-character SQLSTATE ("42501")')
+            return None
+        if expect == "allow":
+            self.error((*at, "sqlstate"), "only for expect: refuse")
+        return value.upper()
+
+    def _contains(self, at: YamlPath, value: object, expect: object) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(i, str) and i for i in items):
+            self.error((*at, "rewritten_contains"), "must be a string or a list of strings")
+            return ()
+        if expect == "refuse":
+            self.error((*at, "rewritten_contains"), "only for expect: allow")
+        return tuple(str(i) for i in items)
+
+
+def read_tests(path: Path) -> TestsFile:
+    """Read and validate a tests file (and the policy it names); raises ToolError."""
+    try:
+        doc = compose_marked(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ToolError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ToolError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except YamlError as exc:
+        raise ToolError(f"{where(path, exc.position)}: {exc.message}") from None
+    reader = _Reader(path, doc)
+    policy_name, schema, raw_cases = reader.top()
+    policy = None
+    if policy_name is not None:
+        try:
+            policy = load_policy(path.parent / policy_name)
+        except PolicyError as exc:
+            reader.errors += exc.errors
+    cases = [reader.case(i, value, policy) for i, value in enumerate(raw_cases)]
+    if reader.errors or policy is None or schema is None:
+        raise ToolError(*reader.errors)
+    return TestsFile(path, policy, schema, tuple(c for c in cases if c is not None))
+
+
+def check_case(engine: Engine, case: Case) -> str | None:
+    """Why `case` fails, or None when it passes."""
+    ev = engine.evaluate(case.role, case.sql)
+    got = "allow" if ev.allowed else "refuse"
+    if got != case.expect:
+        detail = f"{ev.sqlstate} {ev.message}" if not ev.allowed else _short(ev.sql or case.sql)
+        return f"expected {case.expect}, got {got} ({detail})"
+    if case.sqlstate is not None and ev.sqlstate != case.sqlstate:
+        return f"expected refuse with {case.sqlstate}, got {ev.sqlstate} ({ev.message})"
+    sent = ev.sql if ev.sql is not None else case.sql
+    missing = [part for part in case.contains if part not in sent]
+    if missing:
+        return f"rewritten SQL lacks {json.dumps(missing[0])}: {_short(sent)}"
+    return None
+
+
+def run_tests(path: Path, read_live: SnapshotReader, out: TextIO) -> int:
+    """Run every case of a tests file; print failures and a summary; 0 or 1."""
+    tests = read_tests(path)
+    snapshot = load_snapshot(tests.schema, read_live, base=path.parent)
+    key, placeholder = hash_key_for(tests.policy)
+    engine = Engine(tests.policy, snapshot, key)
+    failed = 0
+    for case in tests.cases:
+        why = check_case(engine, case)
+        if why is not None:
+            failed += 1
+            print(f"{path}:{case.line}: case {case.label}: {why}", file=out)
+    note = f" ({PLACEHOLDER_NOTE})" if placeholder and failed else ""
+    print(f"{len(tests.cases) - failed} passed, {failed} failed{note}", file=out)
+    return 1 if failed else 0
+
+
+def _short(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
