@@ -11,14 +11,13 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlsplit
 
 from proxy import __version__
 from proxy.errors import ConfigError
-from proxy.policytools import ToolError
 
 if TYPE_CHECKING:
     from proxy.analysis.catalog import Snapshot
@@ -109,9 +108,25 @@ async def _read_columns(dsn: str) -> list[tuple[str, str, str]]:
     return [(r["table_schema"], r["table_name"], r["column_name"]) for r in rows]
 
 
-UPSTREAM_PASSWORD_ENV = "PGWARDEN_UPSTREAM_PASSWORD"
+Command = Callable[[argparse.Namespace], int]
 
 
+def _tool(command: Command) -> Command:
+    """Run a policy-tool command; its ToolError lines go to stderr with exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from proxy.policytools import ToolError
+
+        try:
+            return command(args)
+        except ToolError as exc:
+            print(*exc.lines, sep="\n", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_tool
 def _schema(args: argparse.Namespace) -> int:
     """Print (or write) the schema snapshot of a database as JSON."""
     from proxy.policytools import portable, snapshot_json
@@ -124,11 +139,11 @@ def _schema(args: argparse.Namespace) -> int:
     try:
         Path(args.output).write_text(text, encoding="utf-8")
     except OSError as exc:
-        print(f"pgwarden schema: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
-        return 2
+        _fail(f"pgwarden schema: cannot write {args.output}: {exc.strerror}")
     return 0
 
 
+@_tool
 def _explain(args: argparse.Namespace) -> int:
     """The engine's verdict on one statement for one role, with the SQL it would send."""
     from proxy.policytools import (
@@ -149,7 +164,10 @@ def _explain(args: argparse.Namespace) -> int:
         found = default_schema(policy_path)
         if found is None:
             tests = policy_path.with_name(policy_path.stem + ".tests.yaml")
-            _fail(f"no schema: pass --schema DSN_OR_JSON_FILE or put `schema:` in {tests}")
+            _fail(
+                "pgwarden explain: no schema: pass --schema DSN_OR_JSON_FILE, "
+                f"or put `schema:` in {tests}"
+            )
         source, base = found
     snapshot = load_snapshot(source, _live_snapshot, base=base)
     result = explain(policy, snapshot, args.role, args.sql)
@@ -157,13 +175,14 @@ def _explain(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+@_tool
 def _test(args: argparse.Namespace) -> int:
     from proxy.policytools import run_tests
 
     return run_tests(Path(args.file), _live_snapshot, sys.stdout)
 
 
-def _fail(*lines: str) -> None:
+def _fail(*lines: str) -> NoReturn:
     from proxy.policytools import ToolError
 
     raise ToolError(*lines)
@@ -182,16 +201,16 @@ def _live_snapshot(dsn: str) -> Snapshot:
         asyncpg.PostgresError,
         asyncpg.InterfaceError,
     ) as exc:
-        _fail(f"cannot read the schema from the database: {exc}")
-        raise  # unreachable: _fail raises
+        _fail(f"pgwarden: cannot read the schema from the database: {exc}")
 
 
 async def _read_snapshot(dsn: str) -> Snapshot:
     import asyncpg
 
     from proxy.net.catalog import read_snapshot
+    from proxy.settings import PASSWORD_ENV
 
-    password = None if urlsplit(dsn).password else os.environ.get(UPSTREAM_PASSWORD_ENV)
+    password = None if urlsplit(dsn).password else os.environ.get(PASSWORD_ENV)
     conn = await asyncpg.connect(
         dsn,
         password=password,
@@ -278,8 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgwarden: {exc.message}", file=sys.stderr)
         return 2
-    except ToolError as exc:
-        print(*(f"pgwarden {args.command}: {line}" for line in exc.lines), sep="\n", file=sys.stderr)
-        return 2
+
     except KeyboardInterrupt:
         return 130

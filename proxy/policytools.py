@@ -140,7 +140,7 @@ def require_role(policy: Policy, role: str) -> Role:
     found = policy.roles.get(role)
     if found is None:
         known = ", ".join(sorted(policy.roles)) or "none"
-        raise ToolError(f'unknown role "{role}" in {policy.source} (roles: {known})')
+        raise ToolError(f'pgwarden: unknown role "{role}" in {policy.source} (roles: {known})')
     return found
 
 
@@ -196,7 +196,7 @@ def explain_json(x: Explanation) -> str:
         "row_cap": row_cap(x.role),
         "hash_key": "placeholder" if x.placeholder_key else None,
     }
-    return json.dumps(out, indent=1, ensure_ascii=False)
+    return json.dumps(out, ensure_ascii=False)
 
 
 def explain_text(x: Explanation) -> str:

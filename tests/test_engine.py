@@ -110,6 +110,8 @@ REFUSED = [
         "payment_cards",
     ),
     ("support", "DELETE FROM orders", "42501", "DELETE"),
+    ("support", "WITH gone AS (DELETE FROM orders RETURNING id) SELECT * FROM gone", "42501", "DELETE"),
+    ("support", "WITH x AS (UPDATE orders SET total = 0 RETURNING 1) SELECT 1", "42501", "UPDATE"),
     ("support", "UPDATE customers SET email = 'x'", "42501", "UPDATE"),
     ("support", "SELECT set_config('search_path', 'x', false)", "42501", "set_config"),
     ("support", "SELECT pg_sleep(1)", "42501", "pg_sleep"),

@@ -42,7 +42,7 @@ from proxy.analysis.catalog import Snapshot
 from proxy.analysis.rewrite import Rewriter
 from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView
-from proxy.analysis.verify import Verifier, deparse
+from proxy.analysis.verify import Verifier, deparse, walk
 from proxy.policy.model import Policy, StatementKind
 
 PgNode = Any  # pglast's node classes are loosely typed
@@ -198,6 +198,8 @@ class Engine:
         kind = _QUERY_KINDS.get(type(stmt))
         if kind is not None:
             self._require(role, kind, facts)
+            for nested in _nested_kinds(stmt) - {kind}:  # WITH x AS (DELETE ...) SELECT ...
+                self._require(role, nested, facts)
             return self._query(role, stmt, facts)
         if isinstance(stmt, ast.CopyStmt):
             return self._copy(role, stmt, facts)
@@ -295,6 +297,11 @@ _KIND_WORDS: Mapping[str, str] = {
 
 def _listing(items: Iterable[str]) -> str:
     return ", ".join(sorted(items)) or "none"
+
+
+def _nested_kinds(stmt: PgNode) -> set[StatementKind]:
+    """Kinds of the data-modifying statements inside `stmt` (WITH ... DELETE)."""
+    return {_QUERY_KINDS[type(n)] for n, _ in walk(stmt) if type(n) in _QUERY_KINDS}
 
 
 def _check_session(stmt: PgNode) -> None:
