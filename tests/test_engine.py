@@ -15,17 +15,17 @@ from typing import Any
 
 import asyncpg
 import pytest
+from conftest import HASH_KEY, SVC_PASSWORD, SVC_USER, TEST_POLICY
 
 from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine
 from proxy.analysis.masks import hash_value, hmac_pads
-from proxy.analysis.roles import RoleView
 from proxy.analysis.rewrite_errors import Refusal
+from proxy.analysis.roles import RoleView
 from proxy.analysis.verify import Verifier
 from proxy.net.catalog import read_snapshot
 from proxy.pgserver import PgServer
 from proxy.policy import parse_policy
-from conftest import HASH_KEY, SVC_PASSWORD, SVC_USER, TEST_POLICY
 
 KEY = HASH_KEY.encode()
 
@@ -69,7 +69,8 @@ ALLOWED = [
     ("support", "SELECT c.id FROM customers AS c WHERE c.email = $1 OR c.phone = $2"),
     (
         "support",
-        "SELECT t.ticket_no, t.body FROM support_tickets t JOIN customers c ON c.id = t.customer_id",
+        "SELECT t.ticket_no, t.body FROM support_tickets t "
+        "JOIN customers c ON c.id = t.customer_id",
     ),
     ("support", "SELECT status, count(*) FROM support_tickets GROUP BY status"),
     ("support", "SELECT count(*) FROM customers"),
@@ -77,7 +78,8 @@ ALLOWED = [
     ("support", "WITH recent AS (SELECT * FROM orders) SELECT count(*) FROM recent"),
     (
         "support",
-        "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id)",
+        "SELECT * FROM orders o "
+        "WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id)",
     ),
     ("support", "SELECT 1; SELECT 2"),
     ("support", "BEGIN"),
@@ -110,7 +112,7 @@ REFUSED = [
         "payment_cards",
     ),
     ("support", "DELETE FROM orders", "42501", "DELETE"),
-    ("support", "WITH gone AS (DELETE FROM orders RETURNING id) SELECT * FROM gone", "42501", "DELETE"),
+    ("support", "WITH x AS (DELETE FROM orders RETURNING id) SELECT * FROM x", "42501", "DELETE"),
     ("support", "WITH x AS (UPDATE orders SET total = 0 RETURNING 1) SELECT 1", "42501", "UPDATE"),
     ("support", "UPDATE customers SET email = 'x'", "42501", "UPDATE"),
     ("support", "SELECT set_config('search_path', 'x', false)", "42501", "set_config"),
@@ -259,9 +261,12 @@ def test_forbidden_fields_name_every_protected_column(engine: Engine, snapshot: 
         "SELECT email FROM public.customers",
         "SELECT * FROM (SELECT email AS x FROM public.customers) c",
         "SELECT * FROM (SELECT id FROM public.customers WHERE email = 'x') c",
-        "SELECT 1 FROM public.orders WHERE customer_id IN (SELECT id FROM public.customers WHERE email > 'x')",
-        "SELECT 1 FROM public.orders WHERE customer_id IN (SELECT id FROM public.customers WHERE street = 'x')",
-        "SELECT * FROM (SELECT regexp_replace(CAST(email AS TEXT), '^(.)', '\\1') AS e FROM public.customers) c",
+        "SELECT 1 FROM public.orders WHERE customer_id IN "
+        "(SELECT id FROM public.customers WHERE email > 'x')",
+        "SELECT 1 FROM public.orders WHERE customer_id IN "
+        "(SELECT id FROM public.customers WHERE street = 'x')",
+        "SELECT * FROM (SELECT regexp_replace(CAST(email AS TEXT), '^(.)', '\\1') AS e "
+        "FROM public.customers) c",
         "SELECT * FROM public.customers c JOIN public.orders o ON true",
         "SELECT * FROM orders",
     ],
