@@ -13,8 +13,10 @@ Rules:
   validated whole before any case runs: unknown keys, wrong types and unknown roles
   are `file:line:col: key: message` errors, never skipped cases.
 * The hash key is env PGWARDEN_HASH_KEY; a policy that hashes without one gets a fixed
-  placeholder key, and the output says so: the verdicts are the same, the hashes are
-  not the ones the proxy would show.
+  placeholder key, and explain says so for a role that hashes: the verdicts are the
+  same, the hashes are not the ones the proxy would show.
+* `rewritten_contains` is matched against the exact text pgwarden would send (the
+  `sql` of `explain --json`), not the pretty-printed layout of `explain`.
 * Snapshot files are written one relation per line, sorted, so they diff well; with
   `portable` the OIDs are left out (nothing offline needs them).
 """
@@ -31,6 +33,7 @@ from typing import Any, TextIO
 
 from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine, Evaluation
+from proxy.analysis.verify import pretty
 from proxy.policy.loader import (
     MarkedDocument,
     Policy,
@@ -156,10 +159,12 @@ def row_cap(role: Role) -> dict[str, Any] | None:
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
+    """An evaluation with what explain shows around it."""
+
     role: Role
     sql: str
     evaluation: Evaluation
-    placeholder_key: bool
+    placeholder_key: bool  # the role hashes and the key is the placeholder
 
     @property
     def sent(self) -> str:
@@ -176,7 +181,8 @@ def explain(policy: Policy, snapshot: Snapshot, role: str, sql: str) -> Explanat
     found = require_role(policy, role)
     key, placeholder = hash_key_for(policy)
     evaluation = Engine(policy, snapshot, key).evaluate(role, sql)
-    return Explanation(found, sql, evaluation, placeholder)
+    hashes = any(rule.mask == "hash" for rule in found.columns.values())
+    return Explanation(found, sql, evaluation, placeholder and hashes)
 
 
 def explain_json(x: Explanation) -> str:
@@ -219,18 +225,8 @@ def explain_text(x: Explanation) -> str:
     if ev.allowed:
         unchanged = " (unchanged)" if ev.sql is None else ""
         lines.append(f"sql{unchanged}:")
-        lines += ["  " + line for line in pretty_sql(x.sent).splitlines()]
+        lines += ["  " + line for line in pretty(x.sent).splitlines()]
     return "\n".join(lines) + "\n"
-
-
-def pretty_sql(sql: str) -> str:
-    """pglast's pretty printer when it can read the text, else the text as is."""
-    try:
-        import pglast  # noqa: PLC0415 - optional nicety, the text is shown either way
-
-        return str(pglast.prettify(sql))
-    except Exception:  # noqa: BLE001 - any failure just means "show it as is"
-        return sql
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -309,6 +305,9 @@ class _Reader:
 
     def case(self, index: int, value: object, policy: Policy | None) -> Case | None:
         at: YamlPath = ("cases", index)
+        if not isinstance(value, dict):
+            self.error(at, "must be a mapping (role, sql, expect, ...)")
+            return None
         data = self.mapping(at, value, _CASE_KEYS)
         before = len(self.errors)
         role = self.text((*at, "role"), data.get("role"))
@@ -322,7 +321,7 @@ class _Reader:
         name = self.text((*at, "name"), data.get("name"), required=False)
         sqlstate = self._sqlstate(at, data.get("sqlstate"), expect)
         contains = self._contains(at, data.get("rewritten_contains"), expect)
-        if len(self.errors) > before or not data or role is None or sql is None:
+        if len(self.errors) > before or role is None or sql is None:
             return None
         line = self.doc.position(at)
         return Case(index, line[0] if line else 0, role, sql, str(expect), name, sqlstate, contains)
@@ -401,8 +400,9 @@ def run_tests(path: Path, read_live: SnapshotReader, out: TextIO) -> int:
         if why is not None:
             failed += 1
             print(f"{path}:{case.line}: case {case.label}: {why}", file=out)
-    note = f" ({PLACEHOLDER_NOTE})" if placeholder and failed else ""
-    print(f"{len(tests.cases) - failed} passed, {failed} failed{note}", file=out)
+    if placeholder and failed:
+        print(PLACEHOLDER_NOTE, file=out)
+    print(f"{len(tests.cases) - failed} passed, {failed} failed", file=out)
     return 1 if failed else 0
 
 

@@ -280,6 +280,8 @@ class Rewriter:
             self._check_star(column, ident_name(column.args.get("table")))
             return
         source = self.bind(column)
+        if source is None and not column.args.get("table"):
+            self._check_whole_row(column)
         if source is None or not source.rewritten:
             return
         name = ident_name(column.this)
@@ -287,6 +289,17 @@ class Rewriter:
         if raw is not None and source.view is not None and source.view.denied(raw):
             raise self._denied(source, raw)
         self._qualify(column, source)
+
+    def _check_whole_row(self, column: exp.Column) -> None:
+        """`SELECT c FROM customers c`, `row_to_json(c)`, `(c).street`: like `c.*`."""
+        name = ident_name(column.this)
+        for sources in self._scopes_of(column):
+            if any(s.columns is None or name in s.columns for s in sources):
+                return  # a column (or perhaps one): not a whole-row reference
+            named = [s for s in sources if s.alias == name]
+            if named:
+                self._check_star(column, name)
+                return
 
     def _check_star(self, node: exp.Expression, qualifier: str) -> None:
         for sources in self._scopes_of(node):
