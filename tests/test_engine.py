@@ -73,6 +73,12 @@ ALLOWED = [
         "JOIN customers c ON c.id = t.customer_id",
     ),
     ("support", "SELECT status, count(*) FROM support_tickets GROUP BY status"),
+    (
+        "support",
+        "SELECT c.id, array_agg(t.ticket_no) FROM customers c JOIN support_tickets t "
+        "ON t.customer_id = c.id GROUP BY c.id",
+    ),
+    ("support", "SELECT string_agg(status, ',') FROM orders o JOIN support_tickets s ON true"),
     ("support", "SELECT count(*) FROM customers"),
     ("support", "SELECT row_to_json(t) FROM support_tickets t WHERE t.id = 1"),
     ("support", "SELECT row_to_json(o) FROM orders o JOIN customers c ON c.id = o.customer_id"),
@@ -104,6 +110,13 @@ REFUSED = [
     ("support", "SELECT * FROM customers", "42501", 'column "street"'),
     ("support", "SELECT c.* FROM customers c", "42501", 'column "street"'),
     ("support", "SELECT c FROM customers c", "42501", 'column "street"'),
+    ("support", "SELECT 1 FROM customers NATURAL JOIN (SELECT 'x' AS street) s", "42501", "street"),
+    (
+        "support",
+        "SELECT 1 FROM customers JOIN (SELECT 'x' AS street) s USING (street)",
+        "42501",
+        "street",
+    ),
     ("support", "SELECT row_to_json(c) FROM customers c", "42501", 'column "street"'),
     ("support", "SELECT (c).street FROM customers c", "42501", 'column "street"'),
     ("support", "SELECT customers FROM customers", "42501", 'column "street"'),
@@ -147,6 +160,16 @@ REFUSED = [
     ("support", "SELEC 1", "42601", "could not be parsed"),
     ("support", "SELECT (" * 2000 + "1" + ")" * 2000, "42601", ""),
     ("analyst", "UPDATE orders SET total = 0", "42501", "UPDATE"),
+    ("support", "SELECT string_agg(email, ',') FROM customers", "42501", "string_agg"),
+    ("support", "SELECT array_agg(t) FROM support_tickets t", "42501", "array_agg"),
+    (
+        "support",
+        "SELECT jsonb_agg(x.e) FROM (SELECT email AS e FROM customers) x",
+        "42501",
+        "jsonb_agg",
+    ),
+    ("support", "SELECT ARRAY(SELECT phone FROM customers)", "42501", "ARRAY(subquery)"),
+    ("analyst", "SELECT json_agg(pan) FROM payment_cards", "42501", "json_agg"),
 ]
 
 

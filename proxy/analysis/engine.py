@@ -161,7 +161,12 @@ class Engine:
             return _refused(Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601"), facts)
         except RecursionError:
             return _refused(
-                Refusal("pgwarden: statement nested too deeply; refused", sqlstate="42601"), facts
+                Refusal(
+                    "pgwarden: statement nested too deeply; refused",
+                    "Simplify the statement (fewer nested parentheses or subqueries).",
+                    sqlstate="42601",
+                ),
+                facts,
             )
         except Exception as error:  # noqa: BLE001 - fail closed on anything unexpected
             return _refused(_unexpected(error), facts)
@@ -190,6 +195,7 @@ class Engine:
         if extended and len(raw) > 1:
             raise Refusal(
                 "pgwarden: a prepared statement must hold exactly one command; refused",
+                "Send one statement per Parse message, or use the simple query protocol.",
                 sqlstate="42601",
             )
         return "; ".join(self._statement(role, stmt.stmt, facts) for stmt in raw)
@@ -271,7 +277,10 @@ class Engine:
                 )
             role.authorise(relation)
             if stmt.whereClause is not None:
-                raise Refusal("pgwarden: COPY FROM ... WHERE is refused for restricted roles")
+                raise Refusal(
+                    "pgwarden: COPY FROM ... WHERE is refused for restricted roles",
+                    "Filter the data before sending it.",
+                )
             stmt.relation.schemaname = relation.schema
             facts.tables.add(relation.qualified)
             return deparse(stmt)
@@ -306,7 +315,10 @@ def _nested_kinds(stmt: PgNode) -> set[StatementKind]:
 
 def _check_session(stmt: PgNode) -> None:
     if isinstance(stmt, ast.TransactionStmt) and stmt.kind in _TWO_PHASE:
-        raise Refusal("pgwarden: two-phase commit commands are refused for restricted roles")
+        raise Refusal(
+            "pgwarden: two-phase commit commands are refused for restricted roles",
+            "Use BEGIN and COMMIT.",
+        )
     if isinstance(stmt, ast.VariableSetStmt):
         if stmt.kind == VariableSetKind.VAR_RESET_ALL:
             return

@@ -102,6 +102,9 @@ class Rewriter:
             self._sources[id(scope)] = self._scope_sources(scope)
         for column in list(root.find_all(exp.Column)):
             self._check_column(column)
+        for join in list(root.find_all(exp.Join)):
+            self._check_join(join)
+        self._check_packing(root)
         for star in list(root.find_all(exp.Star)):
             if isinstance(star.parent, exp.Select) and star.arg_key == "expressions":
                 self._check_star(star, "")
@@ -117,7 +120,10 @@ class Rewriter:
         if not isinstance(table.this, exp.Identifier):
             return  # a table function: checked by the function allowlist
         if table.args.get("catalog") is not None:
-            raise Refusal("pgwarden: three-part relation names are not supported; refused")
+            raise Refusal(
+                "pgwarden: three-part relation names are not supported; refused",
+                "Write schema.table; pgwarden serves one database.",
+            )
         name = ident_name(table.this)
         schema = ident_name(table.args.get("db")) or None
         if schema is None and self._is_cte(table, name):
@@ -190,7 +196,10 @@ class Rewriter:
         alias = table.args.get("alias")
         renamed = [ident_name(c) for c in alias.columns] if alias is not None else []
         if len(renamed) > len(raw):
-            raise Refusal(f"pgwarden: too many column aliases for {relation.qualified}; refused")
+            raise Refusal(
+                f"pgwarden: too many column aliases for {relation.qualified}; refused",
+                f"{relation.qualified} has {len(raw)} columns.",
+            )
         visible = renamed + raw[len(renamed) :]
         source.columns = visible
         source.base = dict(zip(visible, raw, strict=True))
@@ -289,6 +298,57 @@ class Rewriter:
         if raw is not None and source.view is not None and source.view.denied(raw):
             raise self._denied(source, raw)
         self._qualify(column, source)
+
+    def _check_packing(self, root: exp.Expression) -> None:
+        """string_agg, array_agg, json_agg, ARRAY(subquery) ... over protected columns.
+
+        One such row can carry a whole table, so for a role with row limits the
+        statement is refused when a packing aggregate's argument is a protected
+        column, a whole row, or a column of a subquery or WITH query whose origin
+        is not certain, in a statement that reads a protected table.
+        """
+        limits = self.role.role.limits
+        if limits is None or not self.outcome.protected:
+            return
+        for node in root.walk():
+            if _packs(node) and self._packs_protected(node):
+                raise Refusal(
+                    f"pgwarden: {_packing_name(node)} over protected columns packs many rows "
+                    "into one; refused for a role with row limits",
+                    "Select the rows themselves (they count against the row cap), or aggregate "
+                    "unclassified columns.",
+                )
+
+    def _packs_protected(self, node: exp.Expression) -> bool:
+        for column in node.find_all(exp.Column):
+            if isinstance(column.this, exp.Star):
+                return True
+            source = self.bind(column)
+            if source is None or (source.relation is None and not source.rewritten):
+                return True  # a whole row, or a column of unknown origin
+            raw = source.base.get(ident_name(column.this))
+            if source.view is not None and (raw is None or source.view.protected_column(raw)):
+                return True
+        return any(isinstance(n, exp.Star) for n in node.walk() if n is not node)
+
+    def _check_join(self, join: exp.Join) -> None:
+        """NATURAL and USING joins name columns implicitly: a denied one refuses.
+
+        The derived table leaves denied columns out, which would silently change
+        what a NATURAL join matches on; refusing keeps the statement's meaning.
+        """
+        natural = str(join.args.get("method") or "").upper() == "NATURAL"
+        using = {ident_name(i) for i in join.args.get("using") or ()}
+        if not natural and not using:
+            return
+        scope = join.parent
+        for source in self._sources.get(id(scope), []):
+            if source.view is None or not source.view.denied_columns:
+                continue
+            denied = [v for v, raw in source.base.items() if source.view.denied(raw)]
+            hit = denied if natural else [v for v in denied if v in using]
+            if hit:
+                raise self._denied(source, source.base[hit[0]])
 
     def _check_whole_row(self, column: exp.Column) -> None:
         """`SELECT c FROM customers c`, `row_to_json(c)`, `(c).street`: like `c.*`."""
@@ -445,6 +505,41 @@ class Rewriter:
                 raise Refusal(
                     f'pgwarden: names starting with "{INTERNAL_PREFIX}" are reserved; refused'
                 )
+
+
+_PACKING_CLASSES = (
+    exp.GroupConcat,
+    exp.ArrayAgg,
+    exp.JSONArrayAgg,
+    exp.JSONObjectAgg,
+    exp.JSONBObjectAgg,
+)
+_PACKING_CLASS_NAMES: dict[type, str] = {
+    exp.GroupConcat: "string_agg()",
+    exp.ArrayAgg: "array_agg()",
+    exp.JSONArrayAgg: "json_agg()",
+    exp.JSONObjectAgg: "json_object_agg()",
+    exp.JSONBObjectAgg: "jsonb_object_agg()",
+}
+_PACKING_NAMES = frozenset({"jsonb_agg", "xmlagg", "json_agg", "string_agg", "array_agg"})
+
+
+def _packs(node: exp.Expression) -> bool:
+    if isinstance(node, _PACKING_CLASSES):
+        return True
+    if isinstance(node, exp.Anonymous):
+        return str(node.name).lower() in _PACKING_NAMES
+    if isinstance(node, exp.Array):
+        return any(isinstance(a, exp.Query | exp.Subquery) for a in node.expressions)
+    return False
+
+
+def _packing_name(node: exp.Expression) -> str:
+    if isinstance(node, exp.Array):
+        return "ARRAY(subquery)"
+    if isinstance(node, exp.Anonymous):
+        return f"{str(node.name).lower()}()"
+    return _PACKING_CLASS_NAMES.get(type(node), "aggregate")
 
 
 def _constant(node: exp.Expression) -> bool:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+DEFAULT_HINT = (
+    "Restricted roles may read their tables through the policy's masks and run session "
+    "commands; `pgwarden explain` shows why a statement is refused."
+)
+
 
 class Refusal(Exception):
     """The statement is refused; `message` is safe to show (no literal, no value)."""
@@ -17,5 +22,5 @@ class Refusal(Exception):
         super().__init__(message)
         self.unknown_relation = unknown_relation
         self.message = message
-        self.hint = hint
+        self.hint = hint or DEFAULT_HINT
         self.sqlstate = sqlstate
