@@ -304,3 +304,14 @@ def test_the_verifier_rejects_unmasked_reads(snapshot: Snapshot, sql: str) -> No
     policy = parse_policy(TEST_POLICY.encode(), source=Path("policy.yaml"))
     with pytest.raises(Refusal):
         Verifier(RoleView(policy, policy.roles["support"], KEY), snapshot).check_text(sql)
+
+
+def test_an_analysis_bug_fails_closed(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: object, root: object) -> object:
+        raise KeyError("secret-literal-2")
+
+    monkeypatch.setattr("proxy.analysis.engine.Rewriter.run", broken)
+    result = engine.evaluate("support", "SELECT id FROM orders WHERE id = 12345")
+    assert not result.allowed
+    assert result.internal == "KeyError"
+    assert "secret-literal-2" not in result.message + result.hint

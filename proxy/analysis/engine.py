@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import pglast
@@ -87,6 +87,7 @@ class Evaluation:
     hint: str = ""
     reasons: tuple[str, ...] = field(default=())
     unknown_relation: bool = False  # refused because the snapshot lacks a relation
+    internal: str = ""  # analysis failed unexpectedly: the exception type, for the log
 
 
 @dataclass
@@ -169,7 +170,7 @@ class Engine:
                 facts,
             )
         except Exception as error:  # noqa: BLE001 - fail closed on anything unexpected
-            return _refused(_unexpected(error), facts)
+            return replace(_refused(_unexpected(error), facts), internal=type(error).__name__)
         reasons = [f"{t} read through masks" for t in sorted(facts.masked)]
         reasons += (
             [f"{facts.lookups} equality look-up(s) pushed to the raw column"]

@@ -319,7 +319,7 @@ class Rewriter:
                     "unclassified columns.",
                 )
 
-    def _packs_protected(self, node: exp.Expression) -> bool:
+    def _packs_protected(self, node: exp.Expr) -> bool:
         for column in node.find_all(exp.Column):
             if isinstance(column.this, exp.Star):
                 return True
@@ -524,7 +524,7 @@ _PACKING_CLASS_NAMES: dict[type, str] = {
 _PACKING_NAMES = frozenset({"jsonb_agg", "xmlagg", "json_agg", "string_agg", "array_agg"})
 
 
-def _packs(node: exp.Expression) -> bool:
+def _packs(node: exp.Expr) -> bool:
     if isinstance(node, _PACKING_CLASSES):
         return True
     if isinstance(node, exp.Anonymous):
@@ -534,7 +534,7 @@ def _packs(node: exp.Expression) -> bool:
     return False
 
 
-def _packing_name(node: exp.Expression) -> str:
+def _packing_name(node: exp.Expr) -> str:
     if isinstance(node, exp.Array):
         return "ARRAY(subquery)"
     if isinstance(node, exp.Anonymous):

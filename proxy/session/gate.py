@@ -41,6 +41,7 @@ class Refuse:
     """Do not forward; the client receives `error` and the session goes on."""
 
     error: PgWardenError
+    internal: str = ""  # set when analysis itself failed (a pgwarden limitation or bug)
 
 
 Verdict = Allow | Refuse
@@ -124,9 +125,8 @@ class PolicyGate:
             return Allow(result.sql)
         if result.unknown_relation:
             self._source.schema_miss()
-        return Refuse(
-            PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)
-        )
+        error = PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)
+        return Refuse(error, internal=result.internal)
 
     def rows_returned(self, count: int) -> None:
         return None

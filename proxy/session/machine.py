@@ -42,7 +42,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.session import pipeline as pl
-from proxy.session.gate import Allow, Gate
+from proxy.session.gate import Allow, Gate, Refuse
 from proxy.session.pipeline import Pipeline
 from proxy.session.startup import filter_params
 from proxy.session.upstream import UpstreamLogin
@@ -455,8 +455,13 @@ class Session:
         if isinstance(verdict, Allow):
             self._await(pl.QUERY)
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
+        self._note_internal(verdict)
         self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
         return b""
+
+    def _note_internal(self, verdict: Refuse) -> None:
+        if verdict.internal:  # analysis failed: a limitation or bug of pgwarden, worth a log line
+            self.events.append(("analysis.failed", {"error": verdict.internal}))
 
     def _on_parse(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
@@ -473,6 +478,7 @@ class Session:
             parse = fe.decode_parse(data[pos:end])
             return fe.encode_parse(parse.name, verdict.sql, parse.param_types)
         self._prepared.discard(name)
+        self._note_internal(verdict)
         return self._refuse_extended(verdict.error)
 
     def _on_bind(self, data: bytes, pos: int, end: int) -> bool | bytes:
