@@ -88,24 +88,12 @@ def load_snapshot(source: str, read_live: SnapshotReader, *, base: Path | None =
 def portable(snapshot: Snapshot) -> Snapshot:
     """The same snapshot with every OID zeroed (stable across databases)."""
     relations = [dataclasses.replace(r, oid=0) for r in snapshot.relations.values()]
-    return Snapshot.of(relations, snapshot.search_path)
+    return Snapshot.of(relations, snapshot.search_path, snapshot.user_functions)
 
 
 def snapshot_json(snapshot: Snapshot) -> str:
     """Deterministic JSON that Snapshot.from_json reads: one relation per line, sorted."""
-    rows = []
-    for r in sorted(snapshot.relations.values(), key=lambda r: (r.schema, r.name)):
-        row: dict[str, Any] = {"schema": r.schema, "name": r.name, "kind": r.kind}
-        if r.oid:
-            row["oid"] = r.oid
-        if r.columns:
-            row["columns"] = [[c.name, c.attnum, c.type] for c in r.columns]
-        if r.primary_key:
-            row["primary_key"] = list(r.primary_key)
-        rows.append(json.dumps(row, ensure_ascii=False))
-    path = json.dumps(list(snapshot.search_path))
-    body = ",\n  ".join(rows)
-    return f'{{"search_path": {path},\n "relations": [\n  {body}\n ]}}\n'
+    return snapshot.to_json()
 
 
 def default_schema(policy_path: Path) -> tuple[str, Path] | None:

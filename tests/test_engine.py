@@ -315,3 +315,21 @@ def test_an_analysis_bug_fails_closed(engine: Engine, monkeypatch: pytest.Monkey
     assert not result.allowed
     assert result.internal == "KeyError"
     assert "secret-literal-2" not in result.message + result.hint
+
+
+def test_a_builtin_name_shadowed_by_a_user_function_must_be_qualified(snapshot: Snapshot) -> None:
+    # public.lower(integer) would win over pg_catalog.lower(text) for lower(1).
+    shadowed = Snapshot.of(snapshot.relations.values(), user_functions=["lower"])
+    policy = parse_policy(TEST_POLICY.encode(), source=Path("policy.yaml"))
+    engine = Engine(policy, shadowed, KEY)
+    refused = engine.evaluate("support", "SELECT lower(full_name) FROM customers")
+    assert not refused.allowed
+    assert "pg_catalog.lower" in refused.hint
+    assert engine.evaluate("support", "SELECT pg_catalog.lower(full_name) FROM customers").allowed
+
+
+def test_snapshot_json_round_trips(snapshot: Snapshot) -> None:
+    again = Snapshot.from_json(snapshot.to_json())
+    assert again.relations == snapshot.relations
+    assert again.user_functions == snapshot.user_functions
+    assert again.search_path == snapshot.search_path

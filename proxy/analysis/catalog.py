@@ -67,6 +67,9 @@ class Relation:
 class Snapshot:
     relations: Mapping[tuple[str, str], Relation]
     search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
+    # names of functions defined outside the catalog schemas: an unqualified call of
+    # such a name might not reach the built-in, so it is refused
+    user_functions: frozenset[str] = frozenset()
     _by_oid: Mapping[int, Relation] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,9 +79,16 @@ class Snapshot:
 
     @classmethod
     def of(
-        cls, relations: Iterable[Relation], search_path: Iterable[str] = DEFAULT_SEARCH_PATH
+        cls,
+        relations: Iterable[Relation],
+        search_path: Iterable[str] = DEFAULT_SEARCH_PATH,
+        user_functions: Iterable[str] = (),
     ) -> Snapshot:
-        return cls({(r.schema, r.name): r for r in relations}, tuple(search_path))
+        return cls(
+            {(r.schema, r.name): r for r in relations},
+            tuple(search_path),
+            frozenset(user_functions),
+        )
 
     def resolve(self, schema: str | None, name: str) -> Relation | None:
         """The relation a (possibly unqualified) name denotes under the pinned path."""
@@ -99,18 +109,24 @@ class Snapshot:
     # --- JSON ------------------------------------------------------------------
 
     def to_json(self) -> str:
-        rels = [
-            {
-                "schema": r.schema,
-                "name": r.name,
-                "kind": r.kind,
-                "oid": r.oid,
-                "columns": [[c.name, c.attnum, c.type] for c in r.columns],
-                "primary_key": list(r.primary_key),
-            }
-            for r in sorted(self.relations.values(), key=lambda r: (r.schema, r.name))
-        ]
-        return json.dumps({"search_path": list(self.search_path), "relations": rels}, indent=1)
+        """Deterministic JSON, one relation per line, sorted (snapshot files diff well)."""
+        rows = []
+        for r in sorted(self.relations.values(), key=lambda r: (r.schema, r.name)):
+            row: dict[str, Any] = {"schema": r.schema, "name": r.name, "kind": r.kind}
+            if r.oid:
+                row["oid"] = r.oid
+            if r.columns:
+                row["columns"] = [[c.name, c.attnum, c.type] for c in r.columns]
+            if r.primary_key:
+                row["primary_key"] = list(r.primary_key)
+            rows.append(json.dumps(row, ensure_ascii=False))
+        head = json.dumps(list(self.search_path))
+        functions = json.dumps(sorted(self.user_functions))
+        body = ",\n  ".join(rows)
+        return (
+            f'{{"search_path": {head},\n "user_functions": {functions},\n'
+            f' "relations": [\n  {body}\n ]}}\n'
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Snapshot:
@@ -126,4 +142,8 @@ class Snapshot:
             )
             for r in data["relations"]
         ]
-        return cls.of(rels, data.get("search_path", DEFAULT_SEARCH_PATH))
+        return cls.of(
+            rels,
+            data.get("search_path", DEFAULT_SEARCH_PATH),
+            (str(f) for f in data.get("user_functions", ())),
+        )

@@ -130,7 +130,7 @@ class Verifier:
                     "window functions are supported.",
                 )
             if isinstance(node, ast.FuncCall):
-                check_function(node)
+                check_function(node, self.snapshot.user_functions)
             elif isinstance(node, ast.RangeVar):
                 self._check_relation(node, parents, ctes)
             elif isinstance(node, ast.SelectStmt) and (node.intoClause or node.lockingClause):
@@ -255,13 +255,25 @@ def _lookup_filter(node: PgNode, view: Visibility) -> bool:
 _LOOKUP_KINDS = (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_IN)
 
 
-def check_function(node: PgNode) -> None:
-    """Refuse a call to anything but an allowlisted built-in."""
+def check_function(node: PgNode, shadowed: frozenset[str] = frozenset()) -> None:
+    """Refuse a call to anything but an allowlisted built-in.
+
+    An unqualified name that a user schema also defines may resolve to that
+    function instead of the built-in (overloads are matched across the search
+    path), so it must be written pg_catalog.NAME.
+    """
     names = [s.sval for s in node.funcname]
     name = names[-1].lower() if names else ""
-    qualified_ok = len(names) == 1 or (len(names) == 2 and names[0] == "pg_catalog")
+    qualified_ok = (len(names) == 1 and name not in shadowed) or (
+        len(names) == 2 and names[0] == "pg_catalog"
+    )
     if qualified_ok and name in SAFE_FUNCTIONS:
         return
+    if len(names) == 1 and name in shadowed and name in SAFE_FUNCTIONS:
+        raise Refusal(
+            f"pgwarden: function {name}() is also defined in a user schema; refused",
+            f"Write pg_catalog.{name}(...) to call the built-in.",
+        )
     reason = DANGEROUS_FUNCTIONS.get(name)
     why = f"({reason})" if reason else "is not on the allowlist of safe built-in functions"
     raise Refusal(

@@ -40,10 +40,20 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
 """
 
 
+_USER_FUNCTIONS = """
+SELECT DISTINCT p.proname
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname <> ALL($1::text[]) AND n.nspname NOT LIKE 'pg\\_%'
+"""
+
+
 async def read_snapshot(conn: asyncpg.Connection) -> Snapshot:
     """The snapshot of everything `conn`'s user can see."""
     rows = await conn.fetch(_RELATIONS, list(CATALOG_SCHEMAS))
-    return Snapshot.of(_relation(row) for row in rows)
+    functions = await conn.fetch(_USER_FUNCTIONS, list(CATALOG_SCHEMAS))
+    return Snapshot.of(
+        (_relation(row) for row in rows), user_functions=(r["proname"] for r in functions)
+    )
 
 
 def _relation(row: asyncpg.Record) -> Relation:
