@@ -440,10 +440,18 @@ def pgbench_error(stdout: str, stderr: str) -> str:
 
 
 def run_pgbench(
-    server: PgServer, target: Target, *, mode: str, clients: int, seconds: int, jobs: int
+    server: PgServer,
+    target: Target,
+    *,
+    mode: str,
+    clients: int,
+    seconds: int,
+    jobs: int,
+    workload: Sequence[str] = ("-S",),
 ) -> float:
-    """One pgbench -S run; returns TPS or raises TargetError naming the fault."""
-    cmd = [str(server.bin_dir / "pgbench"), "-S", "-n", "-M", mode, "-c", str(clients)]
+    """One pgbench run (-S unless `workload` says otherwise: e.g. -f script); returns TPS
+    or raises TargetError naming the fault."""
+    cmd = [str(server.bin_dir / "pgbench"), *workload, "-n", "-M", mode, "-c", str(clients)]
     cmd += ["-j", str(min(jobs, clients)), "-T", str(seconds)]
     try:
         done = subprocess.run(
