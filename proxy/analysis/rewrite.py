@@ -61,6 +61,7 @@ class Source:
     view: Visibility | None = None  # set when the reference is rewritten
     columns: list[str] | None = None  # visible names in order; None when unknown
     base: dict[str, str] = field(default_factory=dict)  # visible name -> raw column
+    filters: list[exp.Expression] = field(default_factory=list)  # look-ups moved inside
 
     @property
     def rewritten(self) -> bool:
@@ -388,6 +389,8 @@ class Rewriter:
     # --- look-ups ----------------------------------------------------------------
 
     def _push_lookups(self, root: exp.Expression) -> None:
+        for select in [n for n in root.walk() if isinstance(n, exp.Select)]:
+            self._filter_derived(select)
         roots: list[exp.Expression] = []
         for node in root.walk():
             if isinstance(node, (exp.Where, exp.Having)):
@@ -397,6 +400,58 @@ class Rewriter:
         for start in roots:
             for leaf in list(self._filter_leaves(start)):
                 self._push(leaf)
+
+    def _filter_derived(self, select: exp.Select) -> None:
+        """Move whole WHERE conjuncts of look-ups into the derived table's own WHERE.
+
+        `FROM customers c WHERE c.email = 'x' AND c.id > 3` becomes `FROM (SELECT ...
+        FROM public.customers WHERE "email" = 'x') AS c WHERE c.id > 3`: one index
+        scan, no semi-join. Only for a select without outer joins, where filtering a
+        FROM item early cannot change the result.
+        """
+        where = select.args.get("where")
+        if where is None or any(j.args.get("side") for j in select.args.get("joins") or ()):
+            return
+        sources = self._sources.get(id(select), [])
+        kept: list[exp.Expression] = []
+        for conjunct in _conjuncts(where.this):
+            source = self._pushable(conjunct, sources)
+            if source is None:
+                kept.append(conjunct)
+                continue
+            source.filters.append(self._raw_condition(conjunct))
+            self.outcome.lookups += len(list(self._filter_leaves(conjunct)))
+        if len(kept) == len(list(_conjuncts(where.this))):
+            return
+        select.set("where", exp.Where(this=exp.and_(*kept)) if kept else None)
+
+    def _pushable(self, conjunct: exp.Expression, sources: list[Source]) -> Source | None:
+        if any(not isinstance(n, _FILTER_NODES) for n in _bool_frame(conjunct)):
+            return None
+        found: set[int] = set()
+        chosen: Source | None = None
+        for leaf in self._filter_leaves(conjunct):
+            target = self._lookup_target(leaf)
+            if target is None or not any(target[1] is s for s in sources):
+                return None
+            found.add(id(target[1]))
+            chosen = target[1]
+        return chosen if len(found) == 1 else None
+
+    def _raw_condition(self, node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.And | exp.Or):
+            return type(node)(
+                this=self._raw_condition(node.this), expression=self._raw_condition(node.expression)
+            )
+        if isinstance(node, exp.Paren):
+            return exp.Paren(this=self._raw_condition(node.this))
+        target = self._lookup_target(node)
+        assert target is not None
+        column, source, values = target
+        raw_col = exp.column(source.base[ident_name(column.this)], quoted=True)
+        if isinstance(node, exp.In):
+            return exp.In(this=raw_col, expressions=[v.copy() for v in values])
+        return exp.EQ(this=raw_col, expression=values[0].copy())
 
     def _filter_leaves(self, node: exp.Expression) -> Iterator[exp.Expression]:
         if isinstance(node, (exp.And, exp.Or)):
@@ -490,6 +545,8 @@ class Rewriter:
         if table.args.get("sample") is not None:
             inner_table.set("sample", table.args["sample"])
         inner = exp.select(*projections).from_(inner_table)
+        if source.filters:
+            inner = inner.where(exp.and_(*source.filters))
         self._internal.update(id(n) for n in inner.walk())
         derived = exp.Subquery(
             this=inner, alias=exp.TableAlias(this=exp.to_identifier(source.alias, quoted=True))
@@ -540,6 +597,29 @@ def _packing_name(node: exp.Expr) -> str:
     if isinstance(node, exp.Anonymous):
         return f"{str(node.name).lower()}()"
     return _PACKING_CLASS_NAMES.get(type(node), "aggregate")
+
+
+_FILTER_NODES = (exp.EQ, exp.In, exp.And, exp.Or, exp.Paren)
+
+
+def _conjuncts(node: exp.Expression) -> Iterator[exp.Expression]:
+    if isinstance(node, exp.And):
+        yield from _conjuncts(node.this)
+        yield from _conjuncts(node.expression)
+    elif isinstance(node, exp.Paren) and isinstance(node.this, exp.And):
+        yield from _conjuncts(node.this)
+    else:
+        yield node
+
+
+def _bool_frame(node: exp.Expression) -> Iterator[exp.Expression]:
+    """The AND/OR/parenthesis skeleton of a condition and its leaves (not below them)."""
+    yield node
+    if isinstance(node, exp.And | exp.Or):
+        yield from _bool_frame(node.this)
+        yield from _bool_frame(node.expression)
+    elif isinstance(node, exp.Paren):
+        yield from _bool_frame(node.this)
 
 
 def _constant(node: exp.Expression) -> bool:

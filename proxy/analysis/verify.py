@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from pglast import ast, parse_sql, prettify
-from pglast.enums import A_Expr_Kind
+from pglast.enums import A_Expr_Kind, BoolExprType
 from pglast.stream import RawStream
 
 from proxy.analysis.allowlists import DANGEROUS_FUNCTIONS, SAFE_FUNCTIONS
@@ -165,8 +165,9 @@ class Verifier:
         select = chain[-1]
         if tuple(select.fromClause or ()) != (holder,) or not _plain(select):
             return False
-        if select.whereClause is None:
-            return self._is_derived(select, view) and _is_from_item(chain)
+        if _is_from_item(chain):  # the derived table, perhaps filtered by look-ups
+            where = select.whereClause
+            return self._is_derived(select, view) and (where is None or _lookup_tree(where, view))
         return (
             self._is_lookup(select, view) and len(chain) >= 2 and isinstance(chain[-2], ast.SubLink)
         )
@@ -252,6 +253,14 @@ def _lookup_filter(node: PgNode, view: Visibility) -> bool:
     return all(_constant(v) for v in values)
 
 
+def _lookup_tree(node: PgNode, view: Visibility) -> bool:
+    """AND/OR of look-up comparisons (a derived table's own filter)."""
+    if isinstance(node, ast.BoolExpr) and node.boolop in _AND_OR:
+        return all(_lookup_tree(arg, view) for arg in node.args or ())
+    return _lookup_filter(node, view)
+
+
+_AND_OR = (BoolExprType.AND_EXPR, BoolExprType.OR_EXPR)
 _LOOKUP_KINDS = (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_IN)
 
 
