@@ -472,13 +472,13 @@ class Rewriter:
         assert source.view is not None
         raw = source.base[ident_name(column.this)]
         inner = exp.select(*[exp.column(k, quoted=True) for k in relation.primary_key])
-        inner = inner.from_(exp.table_(relation.name, db=relation.schema, quoted=True))
+        inner = inner.from_(exp.table_(relation.name, db=relation.schema, quoted=True), copy=False)
         raw_col = exp.column(raw, quoted=True)
         if isinstance(leaf, exp.In):
             cond: exp.Expression = exp.In(this=raw_col, expressions=[v.copy() for v in values])
         else:
             cond = exp.EQ(this=raw_col, expression=values[0].copy())
-        inner = inner.where(cond)
+        inner = inner.where(cond, copy=False)
         self._internal.update(id(n) for n in inner.walk())
         visible = {b: v for v, b in source.base.items()}
         keys = [
@@ -538,15 +538,15 @@ class Rewriter:
         for visible, raw in source.base.items():
             expr = view.projection(raw)
             if expr is not None:
-                projections.append(exp.alias_(expr, visible, quoted=True))
+                projections.append(exp.alias_(expr, visible, quoted=True, copy=False))
         inner_table = exp.table_(relation.name, db=relation.schema, quoted=True)
         if table.args.get("only"):
             inner_table.set("only", True)
         if table.args.get("sample") is not None:
             inner_table.set("sample", table.args["sample"])
-        inner = exp.select(*projections).from_(inner_table)
+        inner = exp.select(*projections, copy=False).from_(inner_table, copy=False)
         if source.filters:
-            inner = inner.where(exp.and_(*source.filters))
+            inner = inner.where(exp.and_(*source.filters, copy=False), copy=False)
         self._internal.update(id(n) for n in inner.walk())
         derived = exp.Subquery(
             this=inner, alias=exp.TableAlias(this=exp.to_identifier(source.alias, quoted=True))

@@ -40,7 +40,7 @@ class Visibility:
     rules: dict[str, ColumnRule]  # raw column -> rule, for classified columns only
     hash_key: bytes | None
     denied_columns: list[str] = field(default_factory=list)
-    _projections: dict[str, str] = field(default_factory=dict)
+    _parsed: dict[str, exp.Expression | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.denied_columns = [
@@ -75,9 +75,15 @@ class Visibility:
         return mask_sql(rule, column, found.type if found else "text", self.hash_key)
 
     def projection(self, column: str) -> exp.Expression | None:
-        text = self.projection_sql(column)
-        if text is None:
-            return None
+        """The projection as a fresh sqlglot tree (parsed once, copied per use)."""
+        if column not in self._parsed:
+            text = self.projection_sql(column)
+            self._parsed[column] = None if text is None else self._parse(text)
+        found = self._parsed[column]
+        return None if found is None else found.copy()
+
+    @staticmethod
+    def _parse(text: str) -> exp.Expression:
         return cast("exp.Expression", parse_one(text, read="postgres"))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any, cast
+from weakref import WeakKeyDictionary
 
 from pglast import ast, parse_sql, prettify
 from pglast.enums import A_Expr_Kind, BoolExprType
@@ -173,10 +174,15 @@ class Verifier:
         )
 
     def _is_derived(self, select: PgNode, view: Visibility) -> bool:
-        expected = {c.name: _expected_projection(view, c.name) for c in view.relation.columns}
-        allowed = {text for text in expected.values() if text is not None}
+        raw, masks = _expected_projections(view)
         for target in select.targetList or ():
-            if not isinstance(target, ast.ResTarget) or deparse(target.val) not in allowed:
+            if not isinstance(target, ast.ResTarget):
+                return False
+            name = _column_name(target.val)
+            if name is not None:
+                if name not in raw:
+                    return False
+            elif not any(target.val == mask for mask in masks):  # equality ignores locations
                 return False
         return True
 
@@ -189,19 +195,30 @@ class Verifier:
         return _lookup_filter(select.whereClause, view)
 
 
-_DERIVED_CACHE: dict[tuple[int, str], str | None] = {}
+# Per Visibility (an identity-hashed object that lives as long as its Engine): the raw
+# columns a derived table may project as they are, and the parsed mask expressions.
+_EXPECTED: WeakKeyDictionary[Visibility, tuple[frozenset[str], tuple[PgNode, ...]]] = (
+    WeakKeyDictionary()
+)
 
 
-def _expected_projection(view: Visibility, column: str) -> str | None:
-    key = (id(view), column)
-    if key not in _DERIVED_CACHE:
-        text = view.projection_sql(column)
-        if text is None:
-            _DERIVED_CACHE[key] = None
-        else:
+def _expected_projections(view: Visibility) -> tuple[frozenset[str], tuple[PgNode, ...]]:
+    found = _EXPECTED.get(view)
+    if found is None:
+        raw: set[str] = set()
+        masks: list[PgNode] = []
+        for column in view.relation.columns:
+            if view.denied(column.name):
+                continue
+            if not view.protected_column(column.name):
+                raw.add(column.name)
+                continue
+            text = view.projection_sql(column.name)
             select: PgNode = parse_sql(f"SELECT {text}")[0].stmt
-            _DERIVED_CACHE[key] = deparse(select.targetList[0].val)
-    return _DERIVED_CACHE[key]
+            masks.append(select.targetList[0].val)
+        found = (frozenset(raw), tuple(masks))
+        _EXPECTED[view] = found
+    return found
 
 
 def _plain(select: PgNode) -> bool:
