@@ -46,9 +46,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
+import functools
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -67,26 +66,20 @@ from pgbench_select import (
     SVC_USER,
     Credentials,
     Options,
-    Service,
     Target,
     TargetError,
-    _describe,
-    _fmt,
-    _ignore_interrupts,
-    _interrupt,
     _modes,
     _positive_list,
     _round,
     check_connection_headroom,
-    clean_env,
-    connect_env,
-    free_port,
-    launch_pgbouncer,
-    pgwarden_yaml,
+    drive,
+    launch_pgwarden,
     progress,
     run_pgbench,
-    spawn,
-    wait_listening,
+    table_rows,
+)
+from pgbench_select import (
+    start_target as select_start_target,
 )
 
 from proxy.analysis.catalog import Snapshot
@@ -312,28 +305,6 @@ def rewritten_texts(server: PgServer, creds: Credentials) -> dict[str, str]:
     return texts
 
 
-def launch_pgwarden(
-    work: Path, server: PgServer, opts: LookupOptions, creds: Credentials
-) -> tuple[Service, int]:
-    workdir = work / "pgwarden"
-    workdir.mkdir()
-    port = free_port()
-    (workdir / "users.txt").write_text(f'"{CLIENT_USER}" "{creds.client_secret}"\n')
-    (workdir / "policy.yaml").write_text(lookup_policy())
-    (workdir / "hash.key").write_text(creds.svc_password + "-hash\n")
-    config = workdir / "pgwarden.yaml"
-    yaml_text = pgwarden_yaml(workdir, server, port, opts)
-    config.write_text(yaml_text + f"hash_key_file: {workdir / 'hash.key'}\n")
-    cmd = [sys.executable, "-m", "proxy", "serve", "-c", str(config)]
-    if opts.workers is not None:
-        cmd += ["--workers", str(opts.workers)]
-    env = clean_env({"PGWARDEN_UPSTREAM_PASSWORD": creds.svc_password})
-    return spawn(cmd, workdir / "pgwarden.log", cwd=workdir, env=env), port
-
-
-# --- targets -----------------------------------------------------------------------
-
-
 def start_target(
     name: str,
     work: Path,
@@ -343,22 +314,13 @@ def start_target(
     *,
     stack: contextlib.ExitStack,
 ) -> Target:
-    target = Target(name)
-    if name in ("direct", REWRITTEN):
-        target.env = connect_env(server, server.port, SVC_USER, creds.svc_password)
-        return target
-    try:
-        if name == "pgbouncer":
-            target.service, port = launch_pgbouncer(target, work, server, opts, creds)
-        else:
-            target.service, port = launch_pgwarden(work, server, opts, creds)
-        stack.callback(target.service.stop)
-        wait_listening(target.service, port)
-    except (TargetError, OSError) as exc:
-        target.fail(str(exc))
-        return target
-    target.env = connect_env(server, port, CLIENT_USER, creds.client_password)
-    return target
+    """pgbench_select's targets, with the look-up policy and a hash key for pgwarden."""
+    warden = functools.partial(
+        launch_pgwarden, policy=lookup_policy(), hash_key=creds.svc_password + "-hash"
+    )
+    return select_start_target(
+        name, work, server, opts, creds, stack=stack, direct=("direct", REWRITTEN), warden=warden
+    )
 
 
 def psql_row(server: PgServer, target: Target, sql: str) -> str:
@@ -482,18 +444,8 @@ def render_table(results: LookupResults) -> str:
         f"{os.cpu_count()} CPUs shared by pgbench, proxies and PostgreSQL",
         "",
     ]
-    targets, ratios = o.targets, o.ratios
-    names = [f"{n}/{d}" for n, d in ratios]
-    head = f"{'lookup':<8}{'mode':<9}{'clients':>8}" + "".join(f"{t:>11}" for t in targets)
-    lines.append(head + "".join(f"{r:>20}" for r in names) + f"{'spread':>8}")
-    for config in results.configs():
-        row = f"{config[0]:<8}{config[1]:<9}{config[2]:>8}"
-        row += "".join(f"{_fmt(results.median(config, t), '.0f'):>11}" for t in targets)
-        row += "".join(f"{_fmt(results.ratio(config, n, d), '.2f'):>20}" for n, d in ratios)
-        row += f"{_fmt(results.spread(config), '.0%'):>8}"
-        lines.append(row)
-    if notes := results.notes():
-        lines += ["", *(f"note: {n}" for n in notes)]
+    keys = [("lookup", "<8"), ("mode", "<9"), ("clients", ">8")]
+    lines += table_rows(results, keys, o.targets, o.ratios)
     return "\n".join(lines)
 
 
@@ -611,25 +563,7 @@ def settings_info(server: PgServer, opts: LookupOptions, targets: list[Target]) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    results = LookupResults(opts)
-    code = 0
-    try:
-        with contextlib.ExitStack() as stack:
-            try:
-                run(opts, stack, results)
-            finally:
-                _ignore_interrupts()
-    except KeyboardInterrupt:
-        progress("interrupted; everything started here is stopped")
-        results.interrupted = True
-        code = 130
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        progress(f"setup failed: {_describe(exc)}")
-        return 1
-    if code == 0 or results.tps:
-        print(json.dumps(results.as_json(), indent=2) if opts.json else render_table(results))
-    return code
+    return drive(opts, LookupResults(opts), run, render_table)
 
 
 if __name__ == "__main__":

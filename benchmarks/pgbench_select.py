@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -387,15 +387,26 @@ roles:
 
 
 def launch_pgwarden(
-    target: Target, work: Path, server: PgServer, opts: Options, creds: Credentials
+    target: Target,
+    work: Path,
+    server: PgServer,
+    opts: Options,
+    creds: Credentials,
+    *,
+    policy: str = POLICY,
+    hash_key: str | None = None,
 ) -> tuple[Service, int]:
     workdir = work / "pgwarden"
     workdir.mkdir()
     port = free_port()
     (workdir / "users.txt").write_text(f'"{CLIENT_USER}" "{creds.client_secret}"\n')
-    (workdir / "policy.yaml").write_text(POLICY)
+    (workdir / "policy.yaml").write_text(policy)
     config = workdir / "pgwarden.yaml"
-    config.write_text(pgwarden_yaml(workdir, server, port, opts))
+    yaml_text = pgwarden_yaml(workdir, server, port, opts)
+    if hash_key is not None:
+        (workdir / "hash.key").write_text(hash_key + "\n")
+        yaml_text += f"hash_key_file: {workdir / 'hash.key'}\n"
+    config.write_text(yaml_text)
     cmd = [sys.executable, "-m", "proxy", "serve", "-c", str(config)]
     if opts.workers is not None:
         cmd += ["--workers", str(opts.workers)]
@@ -414,13 +425,18 @@ def start_target(
     creds: Credentials,
     *,
     stack: contextlib.ExitStack,
+    direct: tuple[str, ...] = ("direct",),
+    warden: Callable[..., tuple[Service, int]] = launch_pgwarden,
 ) -> Target:
-    """Start a target; its process stops when the stack closes; a failure marks it out."""
+    """Start a target; its process stops when the stack closes; a failure marks it out.
+
+    Targets named in `direct` connect to PostgreSQL itself; `warden` starts pgwarden.
+    """
     target = Target(name)
-    if name == "direct":
+    if name in direct:
         target.env = connect_env(server, server.port, SVC_USER, creds.svc_password)
         return target
-    launch = launch_pgbouncer if name == "pgbouncer" else launch_pgwarden
+    launch = launch_pgbouncer if name == "pgbouncer" else warden
     try:
         target.service, port = launch(target, work, server, opts, creds)
         stack.callback(target.service.stop)
@@ -550,18 +566,29 @@ def render_table(results: Results) -> str:
         f"{os.cpu_count()} CPUs shared by pgbench, proxies and PostgreSQL",
         "",
     ]
-    ratio_names = [f"{n}/{d}" for n, d in RATIOS]
-    head = f"{'mode':<9}{'clients':>8}" + "".join(f"{t:>11}" for t in TARGETS)
-    lines.append(head + "".join(f"{r:>20}" for r in ratio_names) + f"{'spread':>8}")
+    lines += table_rows(results, [("mode", "<9"), ("clients", ">8")], TARGETS, RATIOS)
+    return "\n".join(lines)
+
+
+def table_rows(
+    results: Any,
+    keys: Sequence[tuple[str, str]],
+    targets: Sequence[str],
+    ratios: Sequence[tuple[str, str]],
+) -> list[str]:
+    """Header, one row per configuration (its key columns, medians, ratios, spread), notes."""
+    head = "".join(f"{title:{spec}}" for title, spec in keys)
+    head += "".join(f"{t:>11}" for t in targets)
+    lines = [head + "".join(f"{n + '/' + d:>20}" for n, d in ratios) + f"{'spread':>8}"]
     for config in results.configs():
-        row = f"{config[0]:<9}{config[1]:>8}"
-        row += "".join(f"{_fmt(results.median(config, t), '.0f'):>11}" for t in TARGETS)
-        row += "".join(f"{_fmt(results.ratio(config, n, d), '.2f'):>20}" for n, d in RATIOS)
+        row = "".join(f"{value:{spec}}" for value, (_, spec) in zip(config, keys, strict=False))
+        row += "".join(f"{_fmt(results.median(config, t), '.0f'):>11}" for t in targets)
+        row += "".join(f"{_fmt(results.ratio(config, n, d), '.2f'):>20}" for n, d in ratios)
         row += f"{_fmt(results.spread(config), '.0%'):>8}"
         lines.append(row)
     if notes := results.notes():
         lines += ["", *(f"note: {n}" for n in notes)]
-    return "\n".join(lines)
+    return lines
 
 
 # --- the run -----------------------------------------------------------------
@@ -664,15 +691,19 @@ def _describe(exc: BaseException) -> str:
     return f"{exc}: {stderr.strip()}" if isinstance(stderr, str) and stderr.strip() else str(exc)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
+def drive(
+    opts: Any,
+    results: Any,
+    run_all: Callable[[Any, contextlib.ExitStack, Any], None],
+    render: Callable[[Any], str],
+) -> int:
+    """Run a benchmark with clean-up on every exit path; print what was measured."""
     signal.signal(signal.SIGTERM, _interrupt)
-    results = Results(opts)
     code = 0
     try:
         with contextlib.ExitStack() as stack:
             try:
-                run(opts, stack, results)
+                run_all(opts, stack, results)
             finally:
                 _ignore_interrupts()
     except KeyboardInterrupt:
@@ -683,8 +714,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"setup failed: {_describe(exc)}")
         return 1
     if code == 0 or results.tps:
-        print(json.dumps(results.as_json(), indent=2) if opts.json else render_table(results))
+        print(json.dumps(results.as_json(), indent=2) if opts.json else render(results))
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    return drive(opts, Results(opts), run, render_table)
 
 
 if __name__ == "__main__":
