@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import HASH_KEY, SVC_PASSWORD, SVC_USER, TEST_POLICY
+from pglast import ast
 
 from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine
@@ -344,3 +345,11 @@ def test_snapshot_json_round_trips(snapshot: Snapshot) -> None:
     assert again.relations == snapshot.relations
     assert again.user_functions == snapshot.user_functions
     assert again.search_path == snapshot.search_path
+
+
+def test_the_verifier_holds_the_statement_kind(snapshot: Snapshot) -> None:
+    policy = parse_policy(TEST_POLICY.encode(), source=Path("policy.yaml"))
+    verifier = Verifier(RoleView(policy, policy.roles["support"], KEY), snapshot)
+    verifier.check_text("SELECT id FROM public.orders", ast.SelectStmt)
+    with pytest.raises(Refusal, match="turned a SelectStmt into a DeleteStmt"):
+        verifier.check_text("DELETE FROM public.orders", ast.SelectStmt)

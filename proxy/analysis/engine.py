@@ -260,7 +260,7 @@ class Engine:
             )
         except SqlglotError as error:
             raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601") from error
-        Verifier(role, self.snapshot).check_text(text)
+        Verifier(role, self.snapshot).check_text(text, type(stmt))
         return text
 
     def _copy(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:

@@ -114,11 +114,15 @@ class Verifier:
         self.role = role
         self.snapshot = snapshot
 
-    def check_text(self, sql: str) -> None:
+    def check_text(self, sql: str, kind: type | None = None) -> None:
+        """Check `sql`; with `kind`, it must also be that statement type (SelectStmt, ...)."""
         statements = parse_sql(sql)
         if len(statements) != 1:
             raise _broken("the rewritten statement did not parse as one statement")
-        self.check(statements[0].stmt)
+        stmt = statements[0].stmt
+        if kind is not None and type(stmt) is not kind:
+            raise _broken(f"the rewrite turned a {kind.__name__} into a {type(stmt).__name__}")
+        self.check(stmt)
 
     def check(self, stmt: PgNode) -> None:
         ctes = {str(n.ctename) for n, _ in walk(stmt) if isinstance(n, ast.CommonTableExpr)}
