@@ -353,3 +353,74 @@ def test_the_verifier_holds_the_statement_kind(snapshot: Snapshot) -> None:
     verifier.check_text("SELECT id FROM public.orders", ast.SelectStmt)
     with pytest.raises(Refusal, match="turned a SelectStmt into a DeleteStmt"):
         verifier.check_text("DELETE FROM public.orders", ast.SelectStmt)
+
+
+CLERK_POLICY = TEST_POLICY.replace(
+    "  dba:\n",
+    """  clerk:
+    members: [clerk1]
+    statements: [select, insert, update, delete, copy_out, copy_in, utility]
+    tables: [public.customers, public.orders, public.support_tickets]
+    columns:
+      name: allow
+      email: {mask: email, lookup: equality}
+      phone: last4
+      address: deny
+      free_text: redact
+  dba:
+""",
+)
+
+
+@pytest.fixture(scope="module")
+def clerk(snapshot: Snapshot) -> Engine:
+    return Engine(parse_policy(CLERK_POLICY.encode(), source=Path("clerk.yaml")), snapshot, KEY)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO customers (full_name, email, phone, street) VALUES ('a', 'b', 'c', 'd')",
+        "UPDATE orders SET total = total WHERE id = 0",
+        "DELETE FROM orders WHERE id = 0",
+        "UPDATE orders o SET total = o.total FROM customers c WHERE c.id = o.customer_id "
+        "AND c.email = 'x'",
+        "INSERT INTO orders (customer_id, total, created_at) "
+        "SELECT id, 1, now() FROM customers WHERE email = 'nobody@example.com'",
+        "COPY orders FROM STDIN",
+        "COPY (SELECT id, email FROM customers WHERE id < 3) TO STDOUT",
+        "LISTEN desk",
+        "NOTIFY desk",
+    ],
+)
+def test_other_statement_kinds_when_granted(clerk: Engine, sql: str) -> None:
+    result = clerk.evaluate("clerk", sql)
+    assert result.allowed, result.message
+
+
+@pytest.mark.parametrize(
+    ("sql", "mentions"),
+    [
+        ("INSERT INTO customers (full_name) VALUES ('a') RETURNING email", "RETURNING"),
+        ("UPDATE customers SET full_name = 'x' WHERE email LIKE 'a%'", "UPDATE"),
+        ("DELETE FROM customers WHERE id = 1", "DELETE"),
+        ("COPY customers TO STDOUT", "street"),
+        ("COPY customers TO PROGRAM 'cat'", "program"),
+        ("COPY orders FROM '/etc/passwd'", "server file"),
+        ("COPY orders FROM STDIN WHERE total > 0", "WHERE"),
+    ],
+)
+def test_other_statement_kinds_keep_the_masks(clerk: Engine, sql: str, mentions: str) -> None:
+    result = clerk.evaluate("clerk", sql)
+    assert not result.allowed
+    assert mentions in result.message
+
+
+def test_copy_out_of_a_table_is_masked(clerk: Engine, db: Any) -> None:
+    result = clerk.evaluate("clerk", "COPY customers (id, email) TO STDOUT")
+    assert result.sql is not None
+    assert result.sql.startswith("COPY (SELECT")
+    select = result.sql.removeprefix("COPY (").rsplit(") TO STDOUT", 1)[0]
+    rows = db(select + " ORDER BY 1 LIMIT 2")
+    raw = db("SELECT id, email FROM customers ORDER BY 1 LIMIT 2")
+    assert rows == [(i, e[0] + "***@" + e.split("@")[1]) for i, e in raw]

@@ -39,6 +39,7 @@ from sqlglot.errors import ErrorLevel, SqlglotError
 
 from proxy.analysis.allowlists import SAFE_SETTINGS
 from proxy.analysis.catalog import Snapshot
+from proxy.analysis.masks import quote_ident
 from proxy.analysis.rewrite import Rewriter
 from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView
@@ -288,7 +289,7 @@ class Engine:
         self._require(role, "copy_out", facts)
         query = stmt.query
         if query is None:
-            columns = ", ".join(deparse(c) for c in stmt.attlist or ()) or "*"
+            columns = ", ".join(quote_ident(c.sval) for c in stmt.attlist or ()) or "*"
             table = deparse(stmt.relation)
             query = pglast.parse_sql(f"SELECT {columns} FROM {table}")[0].stmt  # noqa: S608 - deparsed names
         stmt.query = pglast.parse_sql(self._query(role, query, facts))[0].stmt
