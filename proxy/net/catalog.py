@@ -101,6 +101,7 @@ class SchemaKeeper:
         self._on_loaded = on_loaded
         self._on_failed = on_failed
         self._wake = asyncio.Event()
+        self.first_attempt = asyncio.Event()  # set once the first load succeeded or failed
         self._last_miss = 0.0
 
     def set_policy(self, policy: Policy, hash_key: bytes | None) -> None:
@@ -121,6 +122,7 @@ class SchemaKeeper:
         """Load now, then refresh periodically or when woken; runs until cancelled."""
         while True:
             ok = await self.load_once()
+            self.first_attempt.set()
             delay = self.refresh_s if ok else self.RETRY_S
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

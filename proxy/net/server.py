@@ -175,6 +175,14 @@ class Server:
     async def serve(self) -> int:
         s = self.settings
         loop = asyncio.get_running_loop()
+        # Restricted roles need the schema: give the first read a bounded chance before
+        # listening, so the first clients are not refused; an unreachable upstream does
+        # not keep pgwarden from starting (the read is retried in the background).
+        keeper = asyncio.ensure_future(self.schema.run())
+        with suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.schema.first_attempt.wait(), s.upstream.connect_timeout_s + 1.0
+            )
         try:
             self._listener = await loop.create_server(
                 lambda: ClientConnection(self),
@@ -199,7 +207,6 @@ class Server:
             pid=os.getpid(),
         )
         housekeeping = asyncio.ensure_future(self._housekeeping())
-        keeper = asyncio.ensure_future(self.schema.run())
         await self._stopping.wait()
         await self._shutdown()
         housekeeping.cancel()
