@@ -227,6 +227,25 @@ def test_masks_as_postgresql_computes_them(engine: Engine, db: Any) -> None:
     assert masked == (7, raw[1], f"{local[0]}***@{domain}", "***" + raw[3][-4:])
 
 
+@pytest.mark.parametrize(
+    ("sql", "raw"),
+    [
+        ("SELECT id FROM customers WHERE email = ANY($1)", "SELECT 2"),
+        (
+            "SELECT o.id FROM orders o JOIN customers c ON c.id = o.customer_id "
+            "AND c.email = ANY($1)",
+            "SELECT count(*) FROM orders WHERE customer_id IN (4, 5)",
+        ),
+    ],
+)
+def test_lookup_by_any_of_an_array_parameter(engine: Engine, db: Any, sql: str, raw: str) -> None:
+    emails = [r[0] for r in db("SELECT email FROM customers WHERE id IN (4, 5)")]
+    result = engine.evaluate("support", sql)
+    assert result.sql is not None
+    assert result.lookups == 1
+    assert len(db(result.sql, emails)) == db(raw)[0][0]
+
+
 def test_lookup_finds_by_the_raw_value_and_shows_the_mask(engine: Engine, db: Any) -> None:
     email, phone = db("SELECT email, phone FROM customers WHERE id = 11")[0]
     sql = "SELECT id, email FROM customers WHERE email = $1 OR phone IN ($2, 'none')"

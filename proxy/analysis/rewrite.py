@@ -24,7 +24,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sqlglot import exp
@@ -622,12 +622,15 @@ def _bool_frame(node: exp.Expression) -> Iterator[exp.Expression]:
         yield from _bool_frame(node.this)
 
 
-def _constant(node: exp.Expression) -> bool:
+def _constant(node: exp.Expression, *, any_ok: bool = True) -> bool:
+    """A literal or parameter (cast or negated), or `ANY(...)` of such (`= ANY($1)`)."""
     if isinstance(node, exp.Cast):
-        return _constant(node.this)
+        return _constant(node.this, any_ok=False)
     if isinstance(node, exp.Neg):
         return isinstance(node.this, exp.Literal)
+    if isinstance(node, exp.Any) and any_ok:
+        inner = node.this.this if isinstance(node.this, exp.Paren) else node.this
+        if isinstance(inner, exp.Array):
+            return all(_constant(e, any_ok=False) for e in inner.expressions)
+        return _constant(inner, any_ok=False)
     return isinstance(node, _CONST)
-
-
-Check = Callable[[exp.Expression], None]

@@ -271,6 +271,8 @@ def _lookup_filter(node: PgNode, view: Visibility) -> bool:
     if [s.sval for s in node.name or ()] != ["="]:
         return False
     values = node.rexpr if isinstance(node.rexpr, tuple | list) else (node.rexpr,)
+    if node.kind == A_Expr_Kind.AEXPR_OP_ANY and isinstance(node.rexpr, ast.A_ArrayExpr):
+        values = node.rexpr.elements or ()  # = ANY(ARRAY['a', 'b'])
     return all(_constant(v) for v in values)
 
 
@@ -282,7 +284,7 @@ def _lookup_tree(node: PgNode, view: Visibility) -> bool:
 
 
 _AND_OR = (BoolExprType.AND_EXPR, BoolExprType.OR_EXPR)
-_LOOKUP_KINDS = (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_IN)
+_LOOKUP_KINDS = (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_IN, A_Expr_Kind.AEXPR_OP_ANY)
 
 
 def check_function(node: PgNode, shadowed: frozenset[str] = frozenset()) -> None:
