@@ -11,13 +11,15 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from proxy import __version__
 from proxy.errors import ConfigError
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from proxy.analysis.catalog import Snapshot
@@ -79,12 +81,16 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schema_rows(dsn: str) -> list[tuple[str, str, str]] | None:
-    """The database's columns, or None after saying why they cannot be read."""
+class _DatabaseError(Exception):
+    """A database a command reads could not be reached or read."""
+
+
+def _from_database(read: Coroutine[Any, Any, _T]) -> _T:
+    """Run one read against a database; its failures become _DatabaseError."""
     import asyncpg
 
     try:
-        return asyncio.run(_read_columns(dsn))
+        return asyncio.run(read)
     except (
         OSError,
         TimeoutError,
@@ -92,6 +98,14 @@ def _schema_rows(dsn: str) -> list[tuple[str, str, str]] | None:
         asyncpg.PostgresError,
         asyncpg.InterfaceError,
     ) as exc:
+        raise _DatabaseError(str(exc)) from None
+
+
+def _schema_rows(dsn: str) -> list[tuple[str, str, str]] | None:
+    """The database's columns, or None after saying why they cannot be read."""
+    try:
+        return _from_database(_read_columns(dsn))
+    except _DatabaseError as exc:
         print(f"pgwarden check: cannot read the schema from the database: {exc}", file=sys.stderr)
         return None
 
@@ -190,17 +204,9 @@ def _fail(*lines: str) -> NoReturn:
 
 def _live_snapshot(dsn: str) -> Snapshot:
     """The snapshot read from a database; the password from the DSN or the environment."""
-    import asyncpg
-
     try:
-        return asyncio.run(_read_snapshot(dsn))
-    except (
-        OSError,
-        TimeoutError,
-        ValueError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-    ) as exc:
+        return _from_database(_read_snapshot(dsn))
+    except _DatabaseError as exc:
         _fail(f"pgwarden: cannot read the schema from the database: {exc}")
 
 
