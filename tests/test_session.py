@@ -55,6 +55,8 @@ class RefusingGate:
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
         self.forbidden: frozenset[tuple[int, int]] = frozenset()
+        self.cap: int | None = None  # the row cap every allowed statement gets
+        self.truncate = False
         self.checked: list[tuple[str, bool]] = []
         self.rows: list[int] = []
 
@@ -64,6 +66,8 @@ class RefusingGate:
             return Refuse(PolicyRefusal("pgwarden: statement refused by policy"))
         if "rewrite_me" in sql:
             return Allow(sql.replace("rewrite_me", "rewritten"))
+        if self.cap is not None:
+            return Allow(None, self.cap, self.truncate)
         return ALLOW
 
     def rows_returned(self, count: int) -> None:
@@ -1227,3 +1231,126 @@ def test_an_unchanged_watched_setting_passes(split: str) -> None:
     reply = msg(b"S", b"application_name\0x\0") + command_complete("RESET") + READY_I
     wire.server(reply)
     assert wire.to_client() == reply
+
+
+# --- row caps ------------------------------------------------------------------------
+
+
+PARSE_SELECT = fe.encode_parse("", "SELECT id FROM t")
+
+
+def capped_wire(split: str, cap: int = 3, *, truncate: bool = False) -> Wire:
+    wire = ready_wire(split)
+    gate_of(wire).cap = cap
+    gate_of(wire).truncate = truncate
+    return wire
+
+
+def rows(n: int, start: int = 1) -> bytes:
+    return b"".join(data_row(str(i).encode()) for i in range(start, start + n))
+
+
+def test_a_statement_within_the_cap_is_delivered_whole(split: str) -> None:
+    wire = capped_wire(split)
+    wire.client(fe.encode_query("SELECT id FROM t"))
+    wire.to_server()
+    reply = row_description("id") + rows(3) + command_complete("SELECT 3") + READY_I
+    wire.server(reply)
+    assert wire.to_client() == reply
+    assert gate_of(wire).rows == [3]
+
+
+def test_reject_delivers_no_row_of_a_statement_over_the_cap(split: str) -> None:
+    wire = capped_wire(split)
+    wire.client(fe.encode_query("SELECT id FROM t"))
+    wire.to_server()
+    wire.server(row_description("id") + rows(4) + command_complete("SELECT 4") + READY_T)
+    got = messages(wire.to_client())
+    assert [k for k, _ in got] == ["T", "E", "Z"]
+    assert error_fields(got[1][1])["C"] == "54000"
+    assert got[2][1] == b"T"  # the server's transaction is untouched
+    assert ("limit.exceeded", {"cap": 3, "on_exceed": "reject"}) in wire.session.events
+    wire.client(fe.encode_query("SELECT 1"))  # the session goes on
+    assert wire.to_server() == fe.encode_query("SELECT 1")
+
+
+def test_reject_drops_the_rest_of_a_multi_statement_query(split: str) -> None:
+    wire = capped_wire(split)
+    wire.client(fe.encode_query("SELECT 1; SELECT id FROM t; SELECT 2"))
+    wire.to_server()
+    wire.server(
+        row_description("a")
+        + rows(1)
+        + command_complete("SELECT 1")
+        + row_description("id")
+        + rows(5)
+        + command_complete("SELECT 5")
+        + row_description("b")
+        + rows(1)
+        + command_complete("SELECT 1")
+        + READY_I
+    )
+    assert kinds(wire.to_client()) == "TDCTEZ"
+
+
+def test_truncate_delivers_the_cap_and_a_notice(split: str) -> None:
+    wire = capped_wire(split, truncate=True)
+    wire.client(fe.encode_query("SELECT id FROM t"))
+    wire.to_server()
+    wire.server(row_description("id") + rows(4) + command_complete("SELECT 4") + READY_I)
+    got = messages(wire.to_client())
+    assert [k for k, _ in got] == ["T", "D", "D", "D", "N", "C", "Z"]
+    assert got[5][1] == b"SELECT 3\0"
+    assert "truncated to 3 rows" in error_fields(got[4][1])["M"]
+
+
+def test_a_portal_is_capped_over_all_its_executes(split: str) -> None:
+    wire = capped_wire(split)
+    wire.client(PARSE_SELECT + bind() + execute("", 2) + SYNC)
+    wire.to_server()
+    wire.server(b"1" + struct.pack("!i", 4) + b"2" + struct.pack("!i", 4) + rows(2))
+    wire.server(msg(b"s") + READY_T)
+    assert kinds(wire.to_client()) == "12DDsZ"
+    wire.client(execute("", 2) + SYNC)
+    wire.to_server()
+    wire.server(rows(2, 3) + msg(b"s") + READY_T)
+    got = messages(wire.to_client())
+    assert [k for k, _ in got] == ["E", "Z"]
+    assert error_fields(got[0][1])["C"] == "54000"
+
+
+def test_pipelined_executes_after_a_refusal_are_dropped(split: str) -> None:
+    wire = capped_wire(split)
+    wire.client(PARSE_SELECT + bind() + execute() + bind() + execute() + SYNC)
+    wire.to_server()
+    wire.server(
+        b"1"
+        + struct.pack("!i", 4)
+        + b"2"
+        + struct.pack("!i", 4)
+        + rows(4)
+        + command_complete("SELECT 4")
+        + b"2"
+        + struct.pack("!i", 4)
+        + rows(1)
+        + command_complete("SELECT 1")
+        + READY_I
+    )
+    assert kinds(wire.to_client()) == "12EZ"
+
+
+def test_a_server_error_delivers_nothing_held(split: str) -> None:
+    wire = capped_wire(split)
+    wire.client(fe.encode_query("SELECT 1/(3-id) FROM t"))
+    wire.to_server()
+    wire.server(row_description("x") + rows(2) + server_error() + READY_I)
+    assert kinds(wire.to_client()) == "TEZ"
+
+
+def test_copy_out_rows_are_capped(split: str) -> None:
+    wire = capped_wire(split)
+    wire.client(fe.encode_query("COPY (SELECT id FROM t) TO STDOUT"))
+    wire.to_server()
+    data = b"".join(copy_data(b"%d\n" % i) for i in range(4))
+    wire.server(copy_response(b"H") + data + msg(b"c") + command_complete("COPY 4") + READY_I)
+    assert kinds(wire.to_client()) == "HEZ"

@@ -87,6 +87,8 @@ class Evaluation:
     message: str = ""
     hint: str = ""
     reasons: tuple[str, ...] = field(default=())
+    cap: int | None = None  # rows_per_query of the role, for the relay
+    truncate: bool = False  # on_exceed: truncate (else reject)
     unknown_relation: bool = False  # refused because the snapshot lacks a relation
     internal: str = ""  # analysis failed unexpectedly: the exception type, for the log
 
@@ -156,7 +158,8 @@ class Engine:
             return Evaluation(True, reasons=("role is unrestricted",))
         facts = _Facts()
         try:
-            text = self._statements(self.role_view(role), sql, extended, facts)
+            view = self.role_view(role)
+            text = self._statements(view, sql, extended, facts)
         except Refusal as refusal:
             return _refused(refusal, facts)
         except PgParseError:
@@ -186,6 +189,8 @@ class Engine:
             masked=tuple(sorted(facts.masked)),
             lookups=facts.lookups,
             reasons=tuple(reasons) or ("every table and column is visible to the role",),
+            cap=view.rows_per_query,
+            truncate=view.truncates,
         )
 
     # --- statements --------------------------------------------------------------
@@ -208,12 +213,14 @@ class Engine:
             self._require(role, kind, facts)
             for nested in _nested_kinds(stmt) - {kind}:  # WITH x AS (DELETE ...) SELECT ...
                 self._require(role, nested, facts)
-            return self._query(role, stmt, facts)
+            return self._query(role, stmt, facts, limit=_one_more(role.rows_per_query))
         if isinstance(stmt, ast.CopyStmt):
             return self._copy(role, stmt, facts)
         if isinstance(stmt, ast.DeclareCursorStmt):
             self._require(role, "select", facts)
-            stmt.query = pglast.parse_sql(self._query(role, stmt.query, facts))[0].stmt
+            cap = role.rows_per_query  # a cursor's rows are cut at the cap (FETCH is not summed)
+            text = self._query(role, stmt.query, facts, limit=cap)
+            stmt.query = pglast.parse_sql(text)[0].stmt
             return deparse(stmt)
         if isinstance(stmt, _SESSION):
             _check_session(stmt)
@@ -236,7 +243,9 @@ class Engine:
             )
         facts.kinds.append(kind)
 
-    def _query(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:
+    def _query(
+        self, role: RoleView, stmt: PgNode, facts: _Facts, *, limit: int | None = None
+    ) -> str:
         if isinstance(stmt, ast.SelectStmt) and (stmt.intoClause or stmt.lockingClause):
             raise Refusal(
                 "pgwarden: SELECT INTO and FOR UPDATE/SHARE are refused for restricted roles"
@@ -251,7 +260,9 @@ class Engine:
         if isinstance(tree, exp.Command) or tree is None:
             raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601")
         rewriter = Rewriter(role, self.snapshot)
-        rewritten = rewriter.run(cast("exp.Expression", tree))
+        rewritten: exp.Expr = rewriter.run(cast("exp.Expression", tree))
+        if limit is not None and isinstance(rewritten, exp.Query):
+            rewritten = _capped(rewritten, limit)
         facts.tables |= rewriter.outcome.tables
         facts.masked |= rewriter.outcome.protected
         facts.lookups += rewriter.outcome.lookups
@@ -292,7 +303,8 @@ class Engine:
             columns = ", ".join(quote_ident(c.sval) for c in stmt.attlist or ()) or "*"
             table = deparse(stmt.relation)
             query = pglast.parse_sql(f"SELECT {columns} FROM {table}")[0].stmt  # noqa: S608 - deparsed names
-        stmt.query = pglast.parse_sql(self._query(role, query, facts))[0].stmt
+        text = self._query(role, query, facts, limit=_one_more(role.rows_per_query))
+        stmt.query = pglast.parse_sql(text)[0].stmt
         stmt.relation = None
         stmt.attlist = None
         return deparse(stmt)
@@ -308,6 +320,25 @@ _KIND_WORDS: Mapping[str, str] = {
 
 def _listing(items: Iterable[str]) -> str:
     return ", ".join(sorted(items)) or "none"
+
+
+def _one_more(cap: int | None) -> int | None:
+    """The database may return cap + 1 rows: enough for the relay to see the cap exceeded."""
+    return None if cap is None else cap + 1
+
+
+def _capped(query: exp.Query, limit: int) -> exp.Query:
+    """`query` returning at most `limit` rows: LIMIT added, or the query wrapped.
+
+    The relay's count is the guarantee; this spares the database the rest of a
+    result pgwarden would not deliver. A query with its own LIMIT, OFFSET or FETCH
+    (WITH TIES may return more) is wrapped rather than edited.
+    """
+    own = any(query.args.get(k) is not None for k in ("limit", "offset", "fetch"))
+    if not own:
+        return query.limit(limit, copy=False)
+    wrapped = exp.select("*").from_(query.subquery("__pgw_capped", copy=False), copy=False)
+    return wrapped.limit(limit, copy=False)
 
 
 def _nested_kinds(stmt: PgNode) -> set[StatementKind]:

@@ -97,6 +97,15 @@ class RoleView:
         self.hash_key = hash_key
         self._views: dict[str, Visibility] = {}
 
+    @property
+    def rows_per_query(self) -> int | None:
+        limits = self.role.limits
+        return None if limits is None else limits.rows_per_query
+
+    @property
+    def truncates(self) -> bool:
+        return self.role.limits is not None and self.role.limits.on_exceed == "truncate"
+
     def authorise(self, relation: Relation) -> None:
         if relation.schema in CATALOG_SCHEMAS:
             if (relation.schema, relation.name) not in CATALOG_RELATIONS:

@@ -34,6 +34,8 @@ class Allow:
     """Forward the statement; `sql` replaces the client's text when set."""
 
     sql: str | None = None
+    cap: int | None = None  # most rows one statement may deliver (the relay enforces it)
+    truncate: bool = False  # over the cap: deliver `cap` rows and a notice (else: refuse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +124,7 @@ class PolicyGate:
         result = engine.evaluate(role.name, sql, extended=extended)
         self.forbidden = engine.forbidden_fields(role.name)
         if result.allowed:
-            return Allow(result.sql)
+            return Allow(result.sql, result.cap, result.truncate)
         if result.unknown_relation:
             self._source.schema_miss()
         error = PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)

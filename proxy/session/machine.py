@@ -169,6 +169,9 @@ class Session:
         self._stmt_rows = 0
         self._tail = _Pending()
         self._guarded = False  # restricted role: RowDescription and ParameterStatus are checked
+        self._statement_caps: dict[bytes, _RowCap | None] = {}  # prepared name -> its cap
+        self._portal_caps: dict[bytes, _RowCap | None] = {}  # portal name -> its running count
+        self._drop_until_ready = False  # a statement over its cap was refused mid-stream
         self._watched: dict[str, str] = {}
         self._stream_left = 0
         self._await = self.pipeline.queue.append  # expect the server's reply to a message
@@ -383,6 +386,7 @@ class Session:
             if name in _WATCHED:
                 self._watched[name] = value
         self._guarded = self.gate is not None and not self.gate.principal.unrestricted
+        self.pipeline.tracking = self._guarded
         self.to_client.append(be.backend_key_data(*self.key))
         self.to_client.append(be.ready_for_query(login.status))
         self.pipeline.status = login.status
@@ -453,7 +457,7 @@ class Session:
         verdict = self.gate.check_statement(fe.decode_query(data[pos:end]), extended=False)
         self._prepared.discard(b"")  # a simple Query drops the unnamed statement
         if isinstance(verdict, Allow):
-            self._await(pl.QUERY)
+            self.pipeline.sent_statement(pl.QUERY, _RowCap.of(verdict))
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
         self._note_internal(verdict)
         self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
@@ -473,6 +477,8 @@ class Session:
         if isinstance(verdict, Allow):
             self._await(pl.PARSE)
             self._prepared.add(name)
+            if self._guarded:
+                self._statement_caps[name] = _RowCap.of(verdict)
             if verdict.sql is None:
                 return True
             parse = fe.decode_parse(data[pos:end])
@@ -499,6 +505,10 @@ class Session:
                 )
             )
         self._await(pl.BIND)
+        if self._guarded:  # each Bind starts the portal's count afresh
+            template = self._statement_caps.get(statement)
+            portal = data[pos + 5 : portal_end]
+            self._portal_caps[portal] = template.fresh() if template is not None else None
         return True
 
     def _on_describe(self, data: bytes, pos: int, end: int) -> bool | bytes:
@@ -516,7 +526,11 @@ class Session:
     def _on_execute(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
             return b""
-        self._await(pl.EXECUTE)
+        cap = None
+        if self._guarded:
+            portal_end = data.find(b"\0", pos + 5, end)
+            cap = self._portal_caps.get(data[pos + 5 : portal_end]) if portal_end > 0 else None
+        self.pipeline.sent_statement(pl.EXECUTE, cap)
         return True
 
     def _on_close(self, data: bytes, pos: int, end: int) -> bool | bytes:
@@ -525,6 +539,9 @@ class Session:
         target, name = fe.decode_target(data[pos:end])
         if target == ord("S"):
             self._prepared.discard(name.encode())
+            self._statement_caps.pop(name.encode(), None)
+        else:
+            self._portal_caps.pop(name.encode(), None)
         self._await(pl.CLOSE)
         return True
 
@@ -589,6 +606,9 @@ class Session:
         return data[n:] if n < len(data) else b""
 
     def _scan(self, data: bytes) -> None:  # noqa: PLR0912, PLR0915 - one frame: the hot loop
+        if self._guarded and (self._drop_until_ready or self.pipeline.capped()):
+            self._scan_capped(data)
+            return
         out = self.to_client
         view = memoryview(data)
         unpack = _LEN.unpack_from
@@ -669,6 +689,101 @@ class Session:
         self.events.append(("backstop.tripped", {"what": f"server reported a change of {name}"}))
         self._fatal(PolicyRefusal(f"pgwarden: the session changed {name}; connection closed"))
         return True
+
+    # --- row caps (restricted roles with limits.rows_per_query) ----------------------
+    #
+    # While a statement with a cap is in flight, server messages are handled one by
+    # one. With on_exceed: reject, rows are held until the statement completes: if it
+    # stays within the cap they are released with its CommandComplete, otherwise none
+    # is delivered and the client gets 54000 instead (the engine's LIMIT cap+1 keeps
+    # the database from producing more). With truncate, rows up to the cap pass at
+    # once, the rest are dropped, and a NOTICE precedes a CommandComplete that counts
+    # what was delivered. After a refusal the rest of the reply (later statements of
+    # the same Query, pipelined Executes) is dropped up to ReadyForQuery, as
+    # PostgreSQL does after an error; the server's transaction is not affected.
+
+    def _scan_capped(self, data: bytes) -> None:
+        n = len(data)
+        pos = 0
+        while n - pos >= 5 and self.phase is not Phase.CLOSED:
+            length = _LEN.unpack_from(data, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation("pgwarden: invalid message length from server")
+            end = pos + 1 + length
+            if end > n:
+                if length > _SERVER_MESSAGE_MAX:
+                    raise ProtocolViolation("pgwarden: oversized message from server")
+                break
+            self._capped_message(data[pos], data, pos, end)
+            pos = end
+        if pos < n and self.phase is not Phase.CLOSED:
+            self._tail.keep(data, pos)  # a capped result is never streamed: it may be held
+
+    def _capped_message(self, mtype: int, data: bytes, pos: int, end: int) -> None:
+        if mtype in _GUARDED_TYPES and self._guard(mtype, data, pos, end):
+            return
+        queue = self.pipeline.queue
+        in_statement = bool(queue) and queue[0] in (pl.QUERY, pl.EXECUTE)
+        cap = self.pipeline.caps[0] if in_statement and self.pipeline.caps else None
+        msg = data[pos:end]
+        if mtype in (68, 100) and in_statement:  # DataRow, CopyData: a row
+            self._cap_row(cap, msg) if isinstance(cap, _RowCap) else self._deliver_rows([msg])
+            return
+        if isinstance(cap, _RowCap) and mtype == 99:  # CopyDone: held like a row
+            if not cap.over:
+                cap.held.append(msg)
+            return
+        dropping = self._drop_until_ready  # a refusal earlier in this reply
+        if isinstance(cap, _RowCap) and mtype in _STATEMENT_ENDS:
+            msg = self._cap_end(cap, mtype, msg, queue[0] == pl.QUERY)
+        extra = self._server_message(mtype, data, pos, end)
+        if mtype == 90:  # ReadyForQuery
+            self._drop_until_ready = False
+        elif dropping:
+            return
+        self._reply(msg + extra)
+
+    def _cap_row(self, cap: _RowCap, msg: bytes) -> None:
+        cap.rows += 1
+        if cap.rows <= cap.limit:
+            if cap.truncate:
+                self._deliver_rows([msg])
+                cap.batch += 1
+            else:
+                cap.held.append(msg)
+            return
+        cap.over = True
+        cap.held.clear()
+
+    def _deliver_rows(self, rows: list[bytes]) -> None:
+        if rows and not self._drop_until_ready:
+            self._stmt_rows += len(rows)
+            self.to_client.extend(rows)
+
+    def _cap_end(self, cap: _RowCap, mtype: int, msg: bytes, simple: bool) -> bytes:
+        """The bytes to send for a statement's (or batch's) last message."""
+        held, cap.held = cap.held, []
+        over, batch = cap.over, cap.batch
+        cap.batch = 0
+        if simple or mtype != 115:  # a statement ended (a suspended portal goes on)
+            cap.rows = 0
+            cap.over = False
+        if mtype == 69:  # ErrorResponse: nothing of the statement is delivered
+            return msg
+        if not over:
+            self._deliver_rows(held)
+            return msg
+        self.events.append(("limit.exceeded", {"cap": cap.limit, "on_exceed": cap.mode}))
+        if not cap.truncate:
+            self._drop_until_ready = True  # the rest of this reply is dropped
+            return _error(_over_cap(cap.limit))
+        notice = be.error_response(
+            "NOTICE",
+            "01000",
+            f"pgwarden: result truncated to {cap.limit} rows, the row cap of your role",
+            notice=True,
+        )
+        return notice + (_recount(msg, batch) if mtype == 67 else msg)
 
     def _keep_tail(self, data: bytes, view: memoryview, pos: int) -> None:
         n = len(data)
@@ -755,6 +870,53 @@ _COPY_HANDLERS = {t: h for t, h in _READY_HANDLERS.items() if t in _COPY_IN_ALLO
 
 
 _GUARDED_TYPES = (84, 83)  # RowDescription, ParameterStatus
+# CommandComplete, PortalSuspended, ErrorResponse, EmptyQueryResponse
+_STATEMENT_ENDS = (67, 115, 69, 73)
+
+
+class _RowCap:
+    """A statement's (or a portal's) row cap and what has been seen of its rows."""
+
+    __slots__ = ("batch", "held", "limit", "over", "rows", "truncate")
+
+    def __init__(self, limit: int, *, truncate: bool) -> None:
+        self.limit = limit
+        self.truncate = truncate
+        self.rows = 0  # rows the server sent for the statement (or portal) so far
+        self.batch = 0  # rows delivered since the last completion message (truncate)
+        self.held: list[bytes] = []
+        self.over = False
+
+    @classmethod
+    def of(cls, verdict: Allow) -> _RowCap | None:
+        return None if verdict.cap is None else cls(verdict.cap, truncate=verdict.truncate)
+
+    def fresh(self) -> _RowCap:
+        return _RowCap(self.limit, truncate=self.truncate)
+
+    @property
+    def mode(self) -> str:
+        return "truncate" if self.truncate else "reject"
+
+
+def _over_cap(limit: int) -> PgWardenError:
+    return PgWardenError(
+        f"pgwarden: statement returned more than {limit} rows, the row cap of your role; "
+        "no rows delivered",
+        hint=f"Narrow the statement (a WHERE clause, or LIMIT {limit}).",
+        sqlstate="54000",
+    )
+
+
+def _recount(msg: bytes, rows: int) -> bytes:
+    """A CommandComplete whose tag counts `rows` ("SELECT 51" -> "SELECT 50")."""
+    words = msg[5:-1].split(b" ")
+    if words and words[-1].isdigit():
+        words[-1] = str(rows).encode()
+    tag = b" ".join(words) + b"\0"
+    return b"C" + _LEN.pack(4 + len(tag)) + tag
+
+
 # Settings whose change (reported by the server) ends a restricted session.
 _WATCHED = frozenset(
     {

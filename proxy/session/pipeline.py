@@ -118,7 +118,7 @@ class Synthetic:
 class Pipeline:
     """Expected replies, in order, plus the transaction and COPY state."""
 
-    __slots__ = ("_payloads", "copy_in", "discarding", "queue", "status")
+    __slots__ = ("_payloads", "caps", "copy_in", "discarding", "queue", "status", "tracking")
 
     def __init__(self) -> None:
         # Public for the relay's fast path, which pops the common replies
@@ -128,6 +128,10 @@ class Pipeline:
         self.status = b"I"  # transaction status of the last ReadyForQuery
         self.copy_in = False  # the server reads COPY data and the client has not ended it
         self.discarding = False  # server failed an extended message; no Sync queued yet
+        # With `tracking` (restricted sessions), one entry per QUERY/EXECUTE in the
+        # queue, in the same order: the row cap of that statement or portal, or None.
+        self.tracking = False
+        self.caps: deque[object] = deque()
 
     @property
     def idle(self) -> bool:
@@ -151,6 +155,16 @@ class Pipeline:
     def sent(self, kind: int) -> None:
         """A client message the server will answer was forwarded."""
         self.queue.append(kind)
+
+    def sent_statement(self, kind: int, cap: object) -> None:
+        """A Query or Execute was forwarded; `cap` rides along (tracking sessions)."""
+        self.queue.append(kind)
+        if self.tracking:
+            self.caps.append(cap)
+
+    def capped(self) -> bool:
+        """Some statement in flight has a row cap."""
+        return any(c is not None for c in self.caps)
 
     def sent_sync(self) -> None:
         self.discarding = False
@@ -189,13 +203,16 @@ class Pipeline:
     def _step(self, step: int) -> tuple[bool, bytes]:
         q = self.queue
         if step in (POP, POP_STATEMENT):
-            q.popleft()
+            if q.popleft() == EXECUTE and self.tracking:
+                self.caps.popleft()
             return step == POP_STATEMENT, self._release() if self._payloads else b""
         if step == QUERY_STATEMENT:
             self.copy_in = False
             return True, b""
         if step == QUERY_DONE:
             q.popleft()
+            if self.tracking:
+                self.caps.popleft()
             self.copy_in = False
             return False, self._release() if self._payloads else b""
         if step == TO_PORTAL:
@@ -218,8 +235,11 @@ class Pipeline:
         q = self.queue
         head = q[0]
         while q and q[0] != SYNC:  # PostgreSQL ignores all but Sync from here on,
-            if q.popleft() == SYNTHETIC:  # so a refusal queued behind is dropped too
+            kind = q.popleft()
+            if kind == SYNTHETIC:  # so a refusal queued behind is dropped too
                 self._payloads.popleft()
+            elif kind in (EXECUTE, QUERY) and self.tracking:
+                self.caps.popleft()
         if not q:
             self.discarding = True
         return head == EXECUTE, b""
