@@ -40,6 +40,7 @@ from test_session import (
     SCRAM,
     SYNC,
     TERMINATE,
+    RefusingGate,
     authenticate,
     bind,
     close,
@@ -194,6 +195,16 @@ def templates() -> dict[str, tuple[Session, list[bytes]]]:
     wire.client(fe.encode_parse("", FORBIDDEN) + fe.encode_query("SELECT 2"))
     out["ready-busy"] = (snapshot(wire.session), READY_MESSAGES)
 
+    for truncate in (False, True):  # a row cap on every statement: the capped relay
+        wire = new_wire("whole", open_gate=refusing_gate)
+        log_in(wire)
+        gate = wire.session.gate
+        assert isinstance(gate, RefusingGate)
+        gate.cap, gate.truncate = 2, truncate
+        wire.client(fe.encode_query("SELECT id FROM t"))
+        wire.client(fe.encode_parse("", "SELECT 1") + bind() + execute("", 1) + SYNC)
+        out["capped-truncate" if truncate else "capped"] = (snapshot(wire.session), READY_MESSAGES)
+
     wire = new_wire("whole", open_gate=refusing_gate)
     log_in(wire)
     wire.client(fe.encode_query("COPY notes FROM STDIN"))
@@ -204,7 +215,15 @@ def templates() -> dict[str, tuple[Session, list[bytes]]]:
 
 
 BEFORE_LOGIN = ["startup", "startup-tls", "auth-initial", "auth-final"]
-AFTER_LOGIN = ["connecting", "upstream-login", "ready", "ready-busy", "copy-in"]
+AFTER_LOGIN = [
+    "connecting",
+    "upstream-login",
+    "ready",
+    "ready-busy",
+    "copy-in",
+    "capped",
+    "capped-truncate",
+]
 
 
 # --- the session's promises ----------------------------------------------------------------
@@ -313,7 +332,10 @@ SERVER_MESSAGES = [
 
 
 @FUZZ
-@given(data=st.data(), phase=st.sampled_from(["ready", "ready-busy", "copy-in"]))
+@given(
+    data=st.data(),
+    phase=st.sampled_from(["ready", "ready-busy", "copy-in", "capped", "capped-truncate"]),
+)
 def test_session_survives_server_garbage(data: st.DataObject, phase: str) -> None:
     template, _ = templates()[phase]
     watch = Watch(copy.deepcopy(template))
