@@ -229,6 +229,148 @@ async def _read_snapshot(dsn: str) -> Snapshot:
         await conn.close()
 
 
+# --- quota: read or clear the ledger (docs/quota.md) -------------------------------
+
+if TYPE_CHECKING:
+    from proxy.net.ledger import Ledger
+    from proxy.policy import Policy
+    from proxy.quota import Usage
+    from proxy.settings import Settings
+
+_QUOTA_HEADER = (
+    "user",
+    "role",
+    "rows last hour",
+    "rows last 24 h",
+    "rows_per_hour",
+    "rows_per_day",
+    "remaining",
+)
+
+
+def _quota_show(args: argparse.Namespace) -> int:
+    """Usage per user (last hour, last 24 h) beside the quota of the user's role."""
+    from proxy.policy import load_policy
+    from proxy.quota import NO_USAGE
+    from proxy.settings import load_settings
+
+    settings = load_settings(Path(args.config))
+    policy = load_policy(settings.policy)
+
+    async def read(ledger: Ledger) -> list[tuple[str, Usage]]:
+        if args.user is None:
+            return await ledger.all_usage()
+        return [(args.user, await ledger.usage(args.user))]
+
+    found = _with_ledger(settings, read)
+    if found is None:
+        return 2
+    if args.user is not None and found[0][1] == NO_USAGE and policy.role_of(args.user) is None:
+        print(
+            f"pgwarden quota: {args.user!r} has no role in the policy and no usage in the ledger",
+            file=sys.stderr,
+        )
+        return 1
+    rows = [_quota_row(policy, user, usage) for user, usage in found]
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows)
+    return 0
+
+
+def _quota_row(policy: Policy, user: str, usage: Usage) -> dict[str, Any]:
+    from proxy.quota import remaining
+
+    role = policy.role_of(user)
+    limits = None if role is None or role.unrestricted else role.limits
+    return {
+        "user": user,
+        "role": None if role is None else role.name,
+        "rows_last_hour": usage.hour,
+        "rows_last_day": usage.day,
+        "rows_per_hour": None if limits is None else limits.rows_per_hour,
+        "rows_per_day": None if limits is None else limits.rows_per_day,
+        "remaining": remaining(limits, usage),
+        "hour_frees_at": None if usage.hour_frees_at is None else usage.hour_frees_at.isoformat(),
+        "day_frees_at": None if usage.day_frees_at is None else usage.day_frees_at.isoformat(),
+    }
+
+
+_QUOTA_KEYS = (
+    "user",
+    "role",
+    "rows_last_hour",
+    "rows_last_day",
+    "rows_per_hour",
+    "rows_per_day",
+    "remaining",
+)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """Aligned columns: names left, numbers right, "-" for none."""
+    cells: list[tuple[str, ...]] = [_QUOTA_HEADER]
+    cells += [tuple("-" if r[k] is None else str(r[k]) for k in _QUOTA_KEYS) for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_QUOTA_KEYS))]
+    for line in cells:
+        text = [
+            cell.ljust(width) if i < 2 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(text).rstrip())
+
+
+def _quota_reset(args: argparse.Namespace) -> int:
+    """Clear a user's usage; logged (quota.reset) with the operator's OS user."""
+    from proxy import audit
+    from proxy.settings import load_settings
+
+    settings = load_settings(Path(args.config))
+
+    async def clear(ledger: Ledger) -> int:
+        return await ledger.reset(args.user)
+
+    buckets = _with_ledger(settings, clear)
+    if buckets is None:
+        return 2
+    # An ops action is always logged, even where the configured level is quieter.
+    level = settings.log_level if settings.log_level in ("debug", "info") else "warning"
+    audit.configure(settings.log_format, level)
+    log = audit.get_logger()
+    log.warning("quota.reset", user=args.user, operator=_operator(), buckets=buckets)
+    return 0
+
+
+def _operator() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return f"uid:{os.getuid()}"
+
+
+def _with_ledger(
+    settings: Settings, work: Callable[[Ledger], Coroutine[Any, Any, _T]]
+) -> _T | None:
+    """Open the ledger, run `work`, close; None after printing why the ledger failed."""
+    from proxy.net.ledger import Ledger
+    from proxy.quota import LedgerUnavailable
+
+    async def run() -> _T:
+        async with Ledger(settings) as ledger:
+            return await work(ledger)
+
+    try:
+        return asyncio.run(run())
+    except LedgerUnavailable as exc:
+        print(f"pgwarden quota: the quota ledger is unavailable: {exc.reason}", file=sys.stderr)
+        return None
+
+
 def _not_yet(args: argparse.Namespace) -> int:
     print(f"pgwarden {args.command}: not available in this version", file=sys.stderr)
     return 2
@@ -290,9 +432,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("file", metavar="FILE.tests.yaml")
     t.set_defaults(func=_test)
 
-    q = sub.add_parser("quota", help="arrives with the quota work")
-    q.add_argument("rest", nargs=argparse.REMAINDER)
-    q.set_defaults(func=_not_yet)
+    q = sub.add_parser("quota", help="read or clear the per-user quota ledger")
+    qsub = q.add_subparsers(dest="quota_command", required=True)
+    qs = qsub.add_parser("show", help="rows read per user in the last hour and 24 h")
+    qs.add_argument("user", nargs="?", help="one user (default: everyone with usage)")
+    qs.add_argument("-c", "--config", required=True, help="pgwarden.yaml")
+    qs.add_argument("--json", action="store_true", help="print a JSON array")
+    qs.set_defaults(func=_quota_show)
+    qr = qsub.add_parser("reset", help="clear a user's usage (logged with your OS user)")
+    qr.add_argument("user")
+    qr.add_argument("-c", "--config", required=True, help="pgwarden.yaml")
+    qr.set_defaults(func=_quota_reset)
     return p
 
 

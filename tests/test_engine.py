@@ -443,3 +443,14 @@ def test_copy_out_of_a_table_is_masked(clerk: Engine, db: Any) -> None:
     rows = db(select + " ORDER BY 1 LIMIT 2")
     raw = db("SELECT id, email FROM customers ORDER BY 1 LIMIT 2")
     assert rows == [(i, e[0] + "***@" + e.split("@")[1]) for i, e in raw]
+
+
+def test_fetch_counts_against_quotas_and_caps_come_with_the_verdict(engine: Engine) -> None:
+    fetch = engine.evaluate("support", "FETCH 10 FROM c")
+    assert fetch.classified  # a cursor's query is not known here: its rows always count
+    assert engine.evaluate("support", "SELECT id FROM customers").classified
+    orders = engine.evaluate("support", "SELECT id FROM orders")
+    assert not orders.classified
+    assert orders.cap == 50
+    assert orders.sql is not None
+    assert orders.sql.endswith("LIMIT 51")

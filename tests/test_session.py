@@ -59,6 +59,7 @@ class RefusingGate:
         self.truncate = False
         self.checked: list[tuple[str, bool]] = []
         self.rows: list[int] = []
+        self.charged: list[int] = []
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
         self.checked.append((sql, extended))
@@ -72,6 +73,12 @@ class RefusingGate:
 
     def rows_returned(self, count: int) -> None:
         self.rows.append(count)
+
+    def charge(self, rows: int) -> None:
+        self.charged.append(rows)
+
+    def quota_left(self) -> int | None:
+        return None
 
 
 def passthrough_gate(user: str) -> Gate | None:

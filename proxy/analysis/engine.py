@@ -88,6 +88,7 @@ class Evaluation:
     hint: str = ""
     reasons: tuple[str, ...] = field(default=())
     cap: int | None = None  # rows_per_query of the role, for the relay
+    classified: bool = False  # reads a table with classified columns (rows count for quotas)
     truncate: bool = False  # on_exceed: truncate (else reject)
     unknown_relation: bool = False  # refused because the snapshot lacks a relation
     internal: str = ""  # analysis failed unexpectedly: the exception type, for the log
@@ -99,6 +100,7 @@ class _Facts:
     tables: set[str] = field(default_factory=set)
     masked: set[str] = field(default_factory=set)
     lookups: int = 0
+    cursor_rows: bool = False  # FETCH: rows of a cursor whose query is not known here
 
 
 class Engine:
@@ -191,6 +193,7 @@ class Engine:
             reasons=tuple(reasons) or ("every table and column is visible to the role",),
             cap=view.rows_per_query,
             truncate=view.truncates,
+            classified=facts.cursor_rows or any(t in self.policy.classify for t in facts.tables),
         )
 
     # --- statements --------------------------------------------------------------
@@ -225,6 +228,7 @@ class Engine:
         if isinstance(stmt, _SESSION):
             _check_session(stmt)
             facts.kinds.append("session")
+            facts.cursor_rows |= isinstance(stmt, ast.FetchStmt)
             return deparse(stmt)
         if isinstance(stmt, _UTILITY):
             self._require(role, "utility", facts)

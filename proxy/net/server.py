@@ -29,11 +29,16 @@ from typing import Any, cast
 
 from proxy import audit
 from proxy.analysis.catalog import Snapshot
+from proxy.analysis.engine import Engine
 from proxy.auth import load_users
 from proxy.errors import ConfigError, PgWardenError, StartupRefused
 from proxy.net.catalog import SchemaKeeper
+from proxy.net.ledger import Ledger
+from proxy.net.quotas import QuotaBook
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
 from proxy.policy import Policy, load_policy
+from proxy.policy.model import Limits
+from proxy.quota import has_quota
 from proxy.session.gate import Gate, Principal, gate_for
 from proxy.session.machine import (
     Cancel,
@@ -81,6 +86,29 @@ def require_hash_key(settings: Settings, policy: Policy) -> None:
         )
 
 
+class GateSources:
+    """What a PolicyGate reads: the current engine, and the quota book."""
+
+    __slots__ = ("_quotas", "_schema")
+
+    def __init__(self, schema: SchemaKeeper, quotas: QuotaBook) -> None:
+        self._schema = schema
+        self._quotas = quotas
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._schema.engine
+
+    def schema_miss(self) -> None:
+        self._schema.schema_miss()
+
+    def quota_left(self, user: str, limits: Limits) -> int | PgWardenError:
+        return self._quotas.left(user, limits)
+
+    def charge(self, user: str, rows: int) -> None:
+        self._quotas.charge(user, rows)
+
+
 class Server:
     """Shared state of one pgwarden process: settings, policy, live sessions."""
 
@@ -98,6 +126,8 @@ class Server:
             on_loaded=self._schema_loaded,
             on_failed=self._schema_failed,
         )
+        self.quotas = QuotaBook(Ledger(settings), self.log)
+        self.sources = GateSources(self.schema, self.quotas)
         self.client_ssl = client_ssl_context(settings)
         self.upstream_ssl = upstream_ssl_context(settings.upstream)
         self.connections: dict[int, ClientConnection] = {}  # by our BackendKeyData pid
@@ -130,7 +160,7 @@ class Server:
                 sqlstate="53300",
             )
         self.per_user[user] = self.per_user.get(user, 0) + 1
-        return gate_for(Principal(user, role.name, role.unrestricted), self.schema)
+        return gate_for(Principal(user, role.name, role.unrestricted), self.sources)
 
     def gate_closed(self, user: str) -> None:
         left = self.per_user.get(user, 1) - 1
@@ -181,7 +211,8 @@ class Server:
         keeper = asyncio.ensure_future(self.schema.run())
         with suppress(TimeoutError):
             await asyncio.wait_for(
-                self.schema.first_attempt.wait(), s.upstream.connect_timeout_s + 1.0
+                asyncio.gather(self.schema.first_attempt.wait(), self.quotas.start()),
+                s.upstream.connect_timeout_s + 1.0,
             )
         try:
             self._listener = await loop.create_server(
@@ -264,6 +295,7 @@ class Server:
             await asyncio.wait(cancels, timeout=5)
         for conn in list(self.connections.values()):
             conn.abort("shutdown timeout")
+        await self.quotas.close(flush_s=5.0)  # charges reach the ledger before we exit
         await asyncio.sleep(0)
 
     async def _housekeeping(self) -> None:
@@ -418,6 +450,11 @@ class ClientConnection(asyncio.Protocol):
     async def _connect_upstream(self) -> None:
         self.upstream_started = time.monotonic()
         server = self.server
+        gate = self.session.gate
+        if gate is not None and not gate.principal.unrestricted:  # quota usage, read at login
+            role = server.policy.roles.get(gate.principal.role)
+            if role is not None and has_quota(role.limits):
+                await server.quotas.load(gate.principal.user)
         try:
             transport = await open_upstream(
                 server.settings.upstream, server.upstream_ssl, lambda: UpstreamConnection(self)

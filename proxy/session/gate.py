@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.analysis.engine import Engine
+from proxy.analysis.engine import Engine, Evaluation
 from proxy.errors import PgWardenError, PolicyRefusal
+from proxy.policy.model import Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,9 @@ class Allow:
     sql: str | None = None
     cap: int | None = None  # most rows one statement may deliver (the relay enforces it)
     truncate: bool = False  # over the cap: deliver `cap` rows and a notice (else: refuse)
+    counted: bool = False  # delivered rows count against the user's hourly/daily quotas
+    by_quota: bool = False  # `cap` is what is left of a quota (53400), not rows_per_query
+    base_cap: int | None = None  # rows_per_query, when `cap` may come from a quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,14 @@ class Gate(Protocol):
         """Rows one statement delivered to the client (called when it completes)."""
         ...
 
+    def charge(self, rows: int) -> None:
+        """Rows of a quota-counted statement were delivered (per statement or batch)."""
+        ...
+
+    def quota_left(self) -> int | PgWardenError | None:
+        """Rows the user may still read now (None: no quota); asked again at every Bind."""
+        ...
+
 
 class PassThroughGate:
     """Resolves the role and lets everything through (the foundation's policy)."""
@@ -81,6 +93,12 @@ class PassThroughGate:
     def rows_returned(self, count: int) -> None:
         return None
 
+    def charge(self, rows: int) -> None:
+        return None
+
+    def quota_left(self) -> int | PgWardenError | None:
+        return None
+
 
 class EngineSource(Protocol):
     """Where a gate finds the current policy engine (swapped on reload)."""
@@ -90,6 +108,14 @@ class EngineSource(Protocol):
 
     def schema_miss(self) -> None:
         """A statement named a relation the snapshot lacks: refresh it soon."""
+        ...
+
+    def quota_left(self, user: str, limits: Limits) -> int | PgWardenError:
+        """Rows `user` may still read under the hourly and daily quotas, or the refusal."""
+        ...
+
+    def charge(self, user: str, rows: int) -> None:
+        """`user` was delivered `rows` rows of classified tables."""
         ...
 
 
@@ -124,14 +150,41 @@ class PolicyGate:
         result = engine.evaluate(role.name, sql, extended=extended)
         self.forbidden = engine.forbidden_fields(role.name)
         if result.allowed:
-            return Allow(result.sql, result.cap, result.truncate)
+            return self._allow(result, role.limits)
         if result.unknown_relation:
             self._source.schema_miss()
         error = PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)
         return Refuse(error, internal=result.internal)
 
+    def _allow(self, result: Evaluation, limits: Limits | None) -> Verdict:
+        """Allow, with the row cap: rows_per_query, or what is left of a quota if less."""
+        quotas = limits is not None and (limits.rows_per_hour or limits.rows_per_day)
+        if not (quotas and result.classified):
+            return Allow(result.sql, result.cap, result.truncate)
+        assert limits is not None
+        left = self._source.quota_left(self.principal.user, limits)
+        if isinstance(left, PgWardenError):
+            return Refuse(left)
+        if result.cap is not None and result.cap <= left:
+            return Allow(result.sql, result.cap, result.truncate, counted=True, base_cap=result.cap)
+        return Allow(
+            result.sql, left, result.truncate, counted=True, by_quota=True, base_cap=result.cap
+        )
+
     def rows_returned(self, count: int) -> None:
         return None
+
+    def charge(self, rows: int) -> None:
+        self._source.charge(self.principal.user, rows)
+
+    def quota_left(self) -> int | PgWardenError | None:
+        engine = self._source.engine
+        role = engine.policy.role_of(self.principal.user) if engine is not None else None
+        if role is None or role.limits is None:
+            return None
+        if not (role.limits.rows_per_hour or role.limits.rows_per_day):
+            return None
+        return self._source.quota_left(self.principal.user, role.limits)
 
 
 _NOT_READY = Refuse(

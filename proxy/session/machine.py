@@ -508,7 +508,16 @@ class Session:
         if self._guarded:  # each Bind starts the portal's count afresh
             template = self._statement_caps.get(statement)
             portal = data[pos + 5 : portal_end]
-            self._portal_caps[portal] = template.fresh() if template is not None else None
+            cap = template.fresh() if template is not None else None
+            if cap is not None and cap.counted:  # a prepared statement reused: quotas again
+                assert self.gate is not None
+                left = self.gate.quota_left()
+                if isinstance(left, PgWardenError):
+                    self.pipeline.queue.pop()  # the BindComplete will not be asked for
+                    return self._refuse_extended(left)
+                if left is not None:
+                    cap.requota(left)
+            self._portal_caps[portal] = cap
         return True
 
     def _on_describe(self, data: bytes, pos: int, end: int) -> bool | bytes:
@@ -769,14 +778,18 @@ class Session:
             cap.rows = 0
             cap.over = False
         if mtype == 69:  # ErrorResponse: nothing of the statement is delivered
+            self._charge(cap, batch)
             return msg
         if not over:
             self._deliver_rows(held)
+            self._charge(cap, batch + len(held))
             return msg
-        self.events.append(("limit.exceeded", {"cap": cap.limit, "on_exceed": cap.mode}))
+        self._charge(cap, batch)
+        event = "quota.exhausted" if cap.by_quota else "limit.exceeded"
+        self.events.append((event, {"cap": cap.limit, "on_exceed": cap.mode}))
         if not cap.truncate:
             self._drop_until_ready = True  # the rest of this reply is dropped
-            return _error(_over_cap(cap.limit))
+            return _error(_over_quota(cap.limit) if cap.by_quota else _over_cap(cap.limit))
         notice = be.error_response(
             "NOTICE",
             "01000",
@@ -784,6 +797,11 @@ class Session:
             notice=True,
         )
         return notice + (_recount(msg, batch) if mtype == 67 else msg)
+
+    def _charge(self, cap: _RowCap, delivered: int) -> None:
+        """Rows of a statement that reads classified tables count against the quotas."""
+        if cap.counted and delivered and not self._drop_until_ready and self.gate is not None:
+            self.gate.charge(delivered)
 
     def _keep_tail(self, data: bytes, view: memoryview, pos: int) -> None:
         n = len(data)
@@ -877,11 +895,32 @@ _STATEMENT_ENDS = (67, 115, 69, 73)
 class _RowCap:
     """A statement's (or a portal's) row cap and what has been seen of its rows."""
 
-    __slots__ = ("batch", "held", "limit", "over", "rows", "truncate")
+    __slots__ = (
+        "base",
+        "batch",
+        "by_quota",
+        "counted",
+        "held",
+        "limit",
+        "over",
+        "rows",
+        "truncate",
+    )
 
-    def __init__(self, limit: int, *, truncate: bool) -> None:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        truncate: bool,
+        counted: bool = False,
+        by_quota: bool = False,
+        base: int | None = None,
+    ) -> None:
         self.limit = limit
+        self.base = base  # rows_per_query when the limit may come from a quota
         self.truncate = truncate
+        self.counted = counted  # delivered rows are charged to the user's quotas
+        self.by_quota = by_quota  # the limit is what is left of a quota, not rows_per_query
         self.rows = 0  # rows the server sent for the statement (or portal) so far
         self.batch = 0  # rows delivered since the last completion message (truncate)
         self.held: list[bytes] = []
@@ -889,10 +928,31 @@ class _RowCap:
 
     @classmethod
     def of(cls, verdict: Allow) -> _RowCap | None:
-        return None if verdict.cap is None else cls(verdict.cap, truncate=verdict.truncate)
+        if verdict.cap is None:
+            return None
+        return cls(
+            verdict.cap,
+            truncate=verdict.truncate,
+            counted=verdict.counted,
+            by_quota=verdict.by_quota,
+            base=verdict.base_cap,
+        )
 
     def fresh(self) -> _RowCap:
-        return _RowCap(self.limit, truncate=self.truncate)
+        return _RowCap(
+            self.limit,
+            truncate=self.truncate,
+            counted=self.counted,
+            by_quota=self.by_quota,
+            base=self.base,
+        )
+
+    def requota(self, left: int) -> None:
+        """The limit for a new portal: rows_per_query, or what is left of the quota."""
+        if self.base is not None and self.base <= left:
+            self.limit, self.by_quota = self.base, False
+        else:
+            self.limit, self.by_quota = left, True
 
     @property
     def mode(self) -> str:
@@ -905,6 +965,16 @@ def _over_cap(limit: int) -> PgWardenError:
         "no rows delivered",
         hint=f"Narrow the statement (a WHERE clause, or LIMIT {limit}).",
         sqlstate="54000",
+    )
+
+
+def _over_quota(limit: int) -> PgWardenError:
+    return PgWardenError(
+        f"pgwarden: statement returned more than the {limit} rows left of your row quota; "
+        "no rows delivered",
+        hint="The hourly or daily quota frees up as the window moves; `pgwarden quota show` "
+        "(ops) tells when.",
+        sqlstate="53400",
     )
 
 
