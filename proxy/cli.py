@@ -371,11 +371,6 @@ def _with_ledger(
         return None
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    print(f"pgwarden {args.command}: not available in this version", file=sys.stderr)
-    return 2
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pgwarden",
