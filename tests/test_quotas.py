@@ -9,6 +9,8 @@ not classified and does not.
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +18,9 @@ from collections.abc import Callable
 import asyncpg
 import psycopg
 import pytest
-from conftest import PASSWORDS, TEST_POLICY, Proxy
+from conftest import PASSWORDS, SVC_PASSWORD, SVC_USER, TEST_POLICY, Proxy
 
-from proxy.pgserver import free_port
+from proxy.pgserver import PgServer, free_port
 
 Launcher = Callable[..., Proxy]
 PER_QUERY, PER_HOUR = 20, 100
@@ -179,3 +181,67 @@ def test_an_unreachable_ledger_refuses_counted_statements_only(pgwarden: Launche
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (400,)
     with psycopg.connect(proxy.dsn("dora", PASSWORDS["dora"]), autocommit=True) as dba:
         assert dba.execute("SELECT count(*) FROM customers").fetchone() == (200,)
+
+
+class SwitchableRelay:
+    """A TCP relay to PostgreSQL that can be turned off (it then hangs up at once)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.up = False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            if not self.up:
+                conn.close()
+                continue
+            threading.Thread(target=self._pipe, args=(conn,), daemon=True).start()
+
+    def _pipe(self, conn: socket.socket) -> None:
+        with conn, socket.create_connection(self.target) as upstream:
+            pair = {conn: upstream, upstream: conn}
+            while not self.stop.is_set():
+                ready, _, _ = select.select(list(pair), [], [], 0.1)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    pair[sock].sendall(data)
+
+
+def test_service_comes_back_with_the_ledger(pgwarden: Launcher, pg: PgServer) -> None:
+    relay = SwitchableRelay((pg.host, pg.port))
+    try:
+        dsn = f"postgresql://{SVC_USER}:{SVC_PASSWORD}@127.0.0.1:{relay.port}/shop"
+        proxy = start(pgwarden, "q_back", state_dsn=dsn)
+        with connect(proxy, "q_back") as conn:
+            with pytest.raises(psycopg.errors.ConnectionFailure, match="ledger"):
+                page(conn, 0)
+            relay.up = True
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    assert page(conn, 0) == PER_QUERY
+                    break
+                except psycopg.errors.ConnectionFailure:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        assert proxy.process.poll() is None
+    finally:
+        relay.close()
