@@ -454,3 +454,15 @@ def test_fetch_counts_against_quotas_and_caps_come_with_the_verdict(engine: Engi
     assert orders.cap == 50
     assert orders.sql is not None
     assert orders.sql.endswith("LIMIT 51")
+
+
+def test_cursors_carry_their_name_for_the_relay(engine: Engine) -> None:
+    declare = engine.evaluate("support", "DECLARE c CURSOR FOR SELECT id FROM orders")
+    assert declare.cursor == ("c", True)
+    assert declare.sql is not None
+    assert declare.sql.endswith("LIMIT 51")  # the relay sums FETCHes: cap+1 shows a crossing
+    assert engine.evaluate("support", "FETCH 10 FROM c").cursor == ("c", False)
+    inline = engine.evaluate("support", "BEGIN; DECLARE d CURSOR FOR SELECT id FROM orders")
+    assert inline.cursor is None  # not tracked inside a longer Query: cut at the cap instead
+    assert inline.sql is not None
+    assert inline.sql.endswith("LIMIT 50")

@@ -100,14 +100,32 @@ def test_the_extended_protocol_is_capped(proxy: Proxy) -> None:
     assert seen <= CAP  # a portal's batches are summed; the batch that crosses the cap fails
 
 
-def test_server_side_cursors_stop_at_the_cap(proxy: Proxy) -> None:
+def named_cursor_rows(proxy: Proxy) -> tuple[int, Exception | None]:
+    """Rows a psycopg server-side cursor (DECLARE, then FETCH 10 at a time) delivers."""
+    got = 0
+    refusal: Exception | None = None
     with alice(proxy) as conn:
         conn.autocommit = False
-        with conn.cursor(name="pages") as cur:
-            cur.itersize = 10
-            cur.execute("SELECT id FROM orders ORDER BY id")
-            assert len(list(cur)) == CAP
+        try:
+            with conn.cursor(name="pages") as cur:
+                cur.itersize = 10
+                cur.execute("SELECT id FROM orders ORDER BY id")
+                for _ in cur:
+                    got += 1
+        except psycopg.errors.ProgramLimitExceeded as exc:
+            refusal = exc
         conn.rollback()
+    return got, refusal
+
+
+def test_a_cursor_is_capped_over_all_its_fetches(proxy: Proxy) -> None:
+    got, refusal = named_cursor_rows(proxy)
+    assert got == CAP  # five FETCHes of 10; the sixth would cross the cap
+    assert refusal is not None
+
+
+def test_a_truncating_cursor_stops_at_the_cap(truncating: Proxy) -> None:
+    assert named_cursor_rows(truncating) == (CAP, None)
 
 
 def test_psql_with_fetch_count_gets_the_refusal_and_no_row(proxy: Proxy) -> None:

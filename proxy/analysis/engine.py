@@ -89,6 +89,9 @@ class Evaluation:
     reasons: tuple[str, ...] = field(default=())
     cap: int | None = None  # rows_per_query of the role, for the relay
     classified: bool = False  # reads a table with classified columns (rows count for quotas)
+    # A single DECLARE (True) or FETCH/MOVE (False) statement: its cursor's name, so the
+    # relay can sum a cursor's rows over its FETCHes.
+    cursor: tuple[str, bool] | None = None
     truncate: bool = False  # on_exceed: truncate (else reject)
     unknown_relation: bool = False  # refused because the snapshot lacks a relation
     internal: str = ""  # analysis failed unexpectedly: the exception type, for the log
@@ -101,6 +104,8 @@ class _Facts:
     masked: set[str] = field(default_factory=set)
     lookups: int = 0
     cursor_rows: bool = False  # FETCH: rows of a cursor whose query is not known here
+    cursors: list[tuple[str, bool]] = field(default_factory=list)  # (name, declared here)
+    single: bool = True  # the client's text holds one statement
 
 
 class Engine:
@@ -194,6 +199,7 @@ class Engine:
             cap=view.rows_per_query,
             truncate=view.truncates,
             classified=facts.cursor_rows or any(t in self.policy.classify for t in facts.tables),
+            cursor=facts.cursors[0] if len(facts.kinds) == 1 and facts.cursors else None,
         )
 
     # --- statements --------------------------------------------------------------
@@ -208,6 +214,7 @@ class Engine:
                 "Send one statement per Parse message, or use the simple query protocol.",
                 sqlstate="42601",
             )
+        facts.single = len(raw) == 1
         return "; ".join(self._statement(role, stmt.stmt, facts) for stmt in raw)
 
     def _statement(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:
@@ -221,14 +228,20 @@ class Engine:
             return self._copy(role, stmt, facts)
         if isinstance(stmt, ast.DeclareCursorStmt):
             self._require(role, "select", facts)
-            cap = role.rows_per_query  # a cursor's rows are cut at the cap (FETCH is not summed)
-            text = self._query(role, stmt.query, facts, limit=cap)
+            # Alone in its Query, the relay sums the cursor's FETCHes (cap+1 shows a
+            # crossing); inside a longer Query it is not tracked, so it is cut at the cap.
+            cap = role.rows_per_query
+            limit = _one_more(cap) if facts.single else cap
+            text = self._query(role, stmt.query, facts, limit=limit)
             stmt.query = pglast.parse_sql(text)[0].stmt
+            facts.cursors.append((str(stmt.portalname), True))
             return deparse(stmt)
         if isinstance(stmt, _SESSION):
             _check_session(stmt)
             facts.kinds.append("session")
-            facts.cursor_rows |= isinstance(stmt, ast.FetchStmt)
+            if isinstance(stmt, ast.FetchStmt):
+                facts.cursor_rows = True
+                facts.cursors.append((str(stmt.portalname or ""), False))
             return deparse(stmt)
         if isinstance(stmt, _UTILITY):
             self._require(role, "utility", facts)

@@ -218,12 +218,13 @@ class Ledger:
 
     async def _run(self, op: Callable[[Conn], Awaitable[T]]) -> T:
         pool = await self._ready()
-        for attempt in range(2):
+        attempts = POOL_MAX + 1  # every pooled connection may have died with the server
+        for attempt in range(attempts):
             try:
                 async with pool.acquire(timeout=self._timeout) as conn:
                     return await op(conn)
             except _LOST as exc:
-                if attempt:
+                if attempt == attempts - 1:
                     raise LedgerUnavailable(_reason(exc)) from exc
             except _UNAVAILABLE as exc:
                 raise LedgerUnavailable(_reason(exc)) from exc

@@ -40,6 +40,7 @@ class Allow:
     counted: bool = False  # delivered rows count against the user's hourly/daily quotas
     by_quota: bool = False  # `cap` is what is left of a quota (53400), not rows_per_query
     base_cap: int | None = None  # rows_per_query, when `cap` may come from a quota
+    cursor: tuple[str, bool] | None = None  # (name, True for DECLARE / False for FETCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,15 +161,28 @@ class PolicyGate:
         """Allow, with the row cap: rows_per_query, or what is left of a quota if less."""
         quotas = limits is not None and (limits.rows_per_hour or limits.rows_per_day)
         if not (quotas and result.classified):
-            return Allow(result.sql, result.cap, result.truncate)
+            return Allow(result.sql, result.cap, result.truncate, cursor=result.cursor)
         assert limits is not None
         left = self._source.quota_left(self.principal.user, limits)
         if isinstance(left, PgWardenError):
             return Refuse(left)
         if result.cap is not None and result.cap <= left:
-            return Allow(result.sql, result.cap, result.truncate, counted=True, base_cap=result.cap)
+            return Allow(
+                result.sql,
+                result.cap,
+                result.truncate,
+                counted=True,
+                base_cap=result.cap,
+                cursor=result.cursor,
+            )
         return Allow(
-            result.sql, left, result.truncate, counted=True, by_quota=True, base_cap=result.cap
+            result.sql,
+            left,
+            result.truncate,
+            counted=True,
+            by_quota=True,
+            base_cap=result.cap,
+            cursor=result.cursor,
         )
 
     def rows_returned(self, count: int) -> None:

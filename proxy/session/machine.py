@@ -171,6 +171,8 @@ class Session:
         self._guarded = False  # restricted role: RowDescription and ParameterStatus are checked
         self._statement_caps: dict[bytes, _RowCap | None] = {}  # prepared name -> its cap
         self._portal_caps: dict[bytes, _RowCap | None] = {}  # portal name -> its running count
+        self._cursor_caps: dict[str, _RowCap | None] = {}  # DECLAREd cursor -> its running count
+        self._statement_cursors: dict[bytes, tuple[str, bool] | None] = {}
         self._drop_until_ready = False  # a statement over its cap was refused mid-stream
         self._watched: dict[str, str] = {}
         self._stream_left = 0
@@ -457,11 +459,28 @@ class Session:
         verdict = self.gate.check_statement(fe.decode_query(data[pos:end]), extended=False)
         self._prepared.discard(b"")  # a simple Query drops the unnamed statement
         if isinstance(verdict, Allow):
-            self.pipeline.sent_statement(pl.QUERY, _RowCap.of(verdict))
+            cap = _RowCap.of(verdict)
+            if verdict.cursor is not None and self._guarded:
+                cap = self._cursor_cap(verdict.cursor, cap)
+            self.pipeline.sent_statement(pl.QUERY, cap)
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
         self._note_internal(verdict)
         self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
         return b""
+
+    def _cursor_cap(self, cursor: tuple[str, bool], cap: _RowCap | None) -> _RowCap | None:
+        """DECLARE starts a cursor's count; each FETCH from it adds to that count."""
+        name, declared = cursor
+        if declared:
+            self._cursor_caps[name] = cap.cursor() if cap is not None else None
+            return cap
+        summed = self._cursor_caps.get(name)
+        if summed is None or cap is None:
+            return cap
+        summed.counted = summed.counted or cap.counted
+        left = cap.limit if cap.by_quota else None  # what the quotas leave for this FETCH
+        summed.requota(summed.rows + left if left is not None else 1 << 62)
+        return summed
 
     def _note_internal(self, verdict: Refuse) -> None:
         if verdict.internal:  # analysis failed: a limitation or bug of pgwarden, worth a log line
@@ -479,6 +498,7 @@ class Session:
             self._prepared.add(name)
             if self._guarded:
                 self._statement_caps[name] = _RowCap.of(verdict)
+                self._statement_cursors[name] = verdict.cursor
             if verdict.sql is None:
                 return True
             parse = fe.decode_parse(data[pos:end])
@@ -517,6 +537,9 @@ class Session:
                     return self._refuse_extended(left)
                 if left is not None:
                     cap.requota(left)
+            cursor = self._statement_cursors.get(statement)
+            if cursor is not None:  # DECLARE or FETCH through the extended protocol
+                cap = self._cursor_cap(cursor, cap)
             self._portal_caps[portal] = cap
         return True
 
@@ -549,6 +572,7 @@ class Session:
         if target == ord("S"):
             self._prepared.discard(name.encode())
             self._statement_caps.pop(name.encode(), None)
+            self._statement_cursors.pop(name.encode(), None)
         else:
             self._portal_caps.pop(name.encode(), None)
         self._await(pl.CLOSE)
@@ -774,7 +798,7 @@ class Session:
         held, cap.held = cap.held, []
         over, batch = cap.over, cap.batch
         cap.batch = 0
-        if simple or mtype != 115:  # a statement ended (a suspended portal goes on)
+        if (simple or mtype != 115) and not cap.cumulative:  # a statement ended
             cap.rows = 0
             cap.over = False
         if mtype == 69:  # ErrorResponse: nothing of the statement is delivered
@@ -900,6 +924,7 @@ class _RowCap:
         "batch",
         "by_quota",
         "counted",
+        "cumulative",
         "held",
         "limit",
         "over",
@@ -918,6 +943,7 @@ class _RowCap:
     ) -> None:
         self.limit = limit
         self.base = base  # rows_per_query when the limit may come from a quota
+        self.cumulative = False  # a cursor: rows add up over its FETCHes
         self.truncate = truncate
         self.counted = counted  # delivered rows are charged to the user's quotas
         self.by_quota = by_quota  # the limit is what is left of a quota, not rows_per_query
@@ -946,6 +972,15 @@ class _RowCap:
             by_quota=self.by_quota,
             base=self.base,
         )
+
+    def cursor(self) -> _RowCap:
+        """The running count of a cursor DECLAREd with this cap."""
+        summed = self.fresh()
+        summed.base = self.base if self.base is not None else self.limit
+        summed.limit = summed.base
+        summed.by_quota = False
+        summed.cumulative = True
+        return summed
 
     def requota(self, left: int) -> None:
         """The limit for a new portal: rows_per_query, or what is left of the quota."""
