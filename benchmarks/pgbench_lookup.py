@@ -98,6 +98,9 @@ REWRITTEN = "rewritten"  # direct, running the text pgwarden sends upstream
 TARGETS = ("direct", "pgbouncer", "pgwarden")
 RATIOS = (("pgwarden", "pgbouncer"), ("pgwarden", "direct"), ("pgbouncer", "direct"))
 REWRITTEN_RATIOS = (("pgwarden", REWRITTEN), (REWRITTEN, "direct"))
+QUOTA = "quotas"  # pgwarden again, with hourly and daily quotas: every look-up is charged
+QUOTA_RATIOS = ((QUOTA, "pgwarden"),)
+HUGE_QUOTA = 10**12  # never reached: the cost of checking and charging, not of refusing
 COLUMNS = "id, full_name, email, phone"
 EMAIL_SAMPLE = 100  # pgbench accepts at most 128 scripts
 CHECK_ID = 42
@@ -125,14 +128,17 @@ class LookupOptions(Options):
     customers: int = 68_000
     variants: tuple[str, ...] = VARIANTS
     rewritten: bool = False
+    quotas: bool = False
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return ("direct", REWRITTEN, *TARGETS[1:]) if self.rewritten else TARGETS
+        base = ("direct", REWRITTEN, *TARGETS[1:]) if self.rewritten else TARGETS
+        return (*base, QUOTA) if self.quotas else base
 
     @property
     def ratios(self) -> tuple[tuple[str, str], ...]:
-        return RATIOS + REWRITTEN_RATIOS if self.rewritten else RATIOS
+        ratios = RATIOS + REWRITTEN_RATIOS if self.rewritten else RATIOS
+        return ratios + QUOTA_RATIOS if self.quotas else ratios
 
 
 def _variants(text: str) -> tuple[str, ...]:
@@ -171,6 +177,11 @@ def parse_args(argv: Sequence[str] | None) -> LookupOptions:
         action="store_true",
         help="add a target: pgwarden's rewritten text sent directly (masking cost in PostgreSQL)",
     )
+    p.add_argument(
+        "--quotas",
+        action="store_true",
+        help="add a target: pgwarden whose role has hourly and daily quotas (ledger cost)",
+    )
     p.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up (~2 minutes)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = p.parse_args(argv)
@@ -191,6 +202,7 @@ def parse_args(argv: Sequence[str] | None) -> LookupOptions:
         customers=a.customers,
         variants=a.variants,
         rewritten=a.rewritten,
+        quotas=a.quotas,
     )
 
 
@@ -260,18 +272,20 @@ def _bind(sql: str, value: str) -> str:
 
 
 def flavour_of(target: Target) -> str:
-    return REWRITTEN if target.name == REWRITTEN else "plain"
+    return REWRITTEN if target.name == REWRITTEN else "plain"  # pgwarden, quotas: plain text
 
 
 # --- pgwarden --------------------------------------------------------------------
 
 
-def lookup_policy() -> str:
+def lookup_policy(*, quotas: bool = False) -> str:
     """policies/example.yaml's classification and support role, the bench user its member."""
     example = yaml.safe_load(EXAMPLE_POLICY.read_text())
     role = dict(example["roles"][ROLE])
     role["members"] = [CLIENT_USER]
     role["limits"] = {"rows_per_query": ROWS_PER_QUERY}
+    if quotas:
+        role["limits"] |= {"rows_per_hour": HUGE_QUOTA, "rows_per_day": HUGE_QUOTA}
     doc = {"version": example["version"], "classify": example["classify"], "roles": {ROLE: role}}
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -315,8 +329,12 @@ def start_target(
     stack: contextlib.ExitStack,
 ) -> Target:
     """pgbench_select's targets, with the look-up policy and a hash key for pgwarden."""
+    quotas = name == QUOTA
     warden = functools.partial(
-        launch_pgwarden, policy=lookup_policy(), hash_key=creds.svc_password + "-hash"
+        launch_pgwarden,
+        policy=lookup_policy(quotas=quotas),
+        hash_key=creds.svc_password + "-hash",
+        folder=name,
     )
     return select_start_target(
         name, work, server, opts, creds, stack=stack, direct=("direct", REWRITTEN), warden=warden
@@ -358,7 +376,11 @@ def check_answers(
         except TargetError as exc:
             target.fail(f"look-up check failed: {exc}")
             continue
-        masked = target.name in ("pgwarden", REWRITTEN)  # masked: "***" shown, the e-mail not
+        masked = target.name in (
+            "pgwarden",
+            REWRITTEN,
+            QUOTA,
+        )  # masked: "***" shown, the e-mail not
         for row in rows:
             shows_raw = email in row or "***" not in row
             if len(row.splitlines()) != 1 or shows_raw == masked:

@@ -395,8 +395,9 @@ def launch_pgwarden(
     *,
     policy: str = POLICY,
     hash_key: str | None = None,
+    folder: str = "pgwarden",
 ) -> tuple[Service, int]:
-    workdir = work / "pgwarden"
+    workdir = work / folder
     workdir.mkdir()
     port = free_port()
     (workdir / "users.txt").write_text(f'"{CLIENT_USER}" "{creds.client_secret}"\n')

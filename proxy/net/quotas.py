@@ -40,6 +40,7 @@ class QuotaBook:
     """Usage per user, as this process knows it; writes go to the shared ledger."""
 
     REFRESH_S = 5.0
+    BATCH_S = 0.05
     RETRY_S = 2.0
     PRUNE_S = 600.0
 
@@ -103,8 +104,13 @@ class QuotaBook:
             self._writer = asyncio.ensure_future(self._write())
 
     async def _write(self) -> None:
-        """Write what was charged here to the ledger; retry until it lands."""
+        """Write what was charged here to the ledger; retry until it lands.
+
+        Charges that arrive while a write is under way, or within BATCH_S of it,
+        go out together: one ledger write per user per batch, not per statement.
+        """
         while self._unwritten:
+            await asyncio.sleep(self.BATCH_S)
             user, rows = next(iter(self._unwritten.items()))
             try:
                 await self.ledger.charge(user, rows)
