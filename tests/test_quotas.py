@@ -78,6 +78,13 @@ def test_the_hourly_quota_runs_out_and_the_session_goes_on(pgwarden: Launcher) -
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (400,)  # not classified
         with pytest.raises(psycopg.errors.ConfigurationLimitExceeded):
             conn.execute("SELECT count(*) FROM customers")
+    deadline = time.monotonic() + 5
+    while not [e for e in proxy.events() if e.get("event") == "quota.exhausted"]:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.1)
+    exhausted = next(e for e in proxy.events() if e.get("event") == "quota.exhausted")
+    assert exhausted["user"] == "q_hour"
+    assert exhausted["role"] == "desk"
 
 
 def test_a_reused_prepared_statement_is_checked_at_every_bind(pgwarden: Launcher) -> None:

@@ -485,6 +485,8 @@ class Session:
     def _note_internal(self, verdict: Refuse) -> None:
         if verdict.internal:  # analysis failed: a limitation or bug of pgwarden, worth a log line
             self.events.append(("analysis.failed", {"error": verdict.internal}))
+        elif verdict.error.sqlstate == "53400":
+            self.events.append(("quota.exhausted", {"cap": 0}))
 
     def _on_parse(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
@@ -534,6 +536,7 @@ class Session:
                 left = self.gate.quota_left()
                 if isinstance(left, PgWardenError):
                     self.pipeline.queue.pop()  # the BindComplete will not be asked for
+                    self._note_internal(Refuse(left))
                     return self._refuse_extended(left)
                 if left is not None:
                     cap.requota(left)
@@ -796,7 +799,7 @@ class Session:
     def _cap_end(self, cap: _RowCap, mtype: int, msg: bytes, simple: bool) -> bytes:
         """The bytes to send for a statement's (or batch's) last message."""
         held, cap.held = cap.held, []
-        over, batch = cap.over, cap.batch
+        over, batch, seen = cap.over, cap.batch, cap.rows
         cap.batch = 0
         if (simple or mtype != 115) and not cap.cumulative:  # a statement ended
             cap.rows = 0
@@ -810,7 +813,7 @@ class Session:
             return msg
         self._charge(cap, batch)
         event = "quota.exhausted" if cap.by_quota else "limit.exceeded"
-        self.events.append((event, {"cap": cap.limit, "on_exceed": cap.mode}))
+        self.events.append((event, {"cap": cap.limit, "rows_seen": seen, "on_exceed": cap.mode}))
         if not cap.truncate:
             self._drop_until_ready = True  # the rest of this reply is dropped
             return _error(_over_quota(cap.limit) if cap.by_quota else _over_cap(cap.limit))
