@@ -137,7 +137,7 @@ def test_four_connections_at_once_cannot_take_more_than_quota_plus_four_caps(
 
     def thief(kind: int) -> None:
         got = 0
-        deadline = time.monotonic() + 4
+        deadline = time.monotonic() + 20
         with connect(proxy, "q_exfil") as conn:
             n = 0
             while time.monotonic() < deadline:
@@ -174,7 +174,7 @@ def test_four_connections_at_once_cannot_take_more_than_quota_plus_four_caps(
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=60)
     assert sum(received) <= PER_HOUR + 4 * PER_QUERY, received
     assert sum(received) > PER_HOUR - PER_QUERY  # the quota was the limit, not an accident
 

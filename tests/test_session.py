@@ -1278,7 +1278,7 @@ def test_reject_delivers_no_row_of_a_statement_over_the_cap(split: str) -> None:
     assert got[2][1] == b"T"  # the server's transaction is untouched
     assert (
         "limit.exceeded",
-        {"cap": 3, "rows_seen": 4, "on_exceed": "reject"},
+        {"cap": 3, "rows_seen": 4, "on_exceed": "reject", "tables": []},
     ) in wire.session.events
     wire.client(fe.encode_query("SELECT 1"))  # the session goes on
     assert wire.to_server() == fe.encode_query("SELECT 1")

@@ -41,6 +41,7 @@ class Allow:
     by_quota: bool = False  # `cap` is what is left of a quota (53400), not rows_per_query
     base_cap: int | None = None  # rows_per_query, when `cap` may come from a quota
     cursor: tuple[str, bool] | None = None  # (name, True for DECLARE / False for FETCH)
+    tables: tuple[str, ...] = ()  # what the statement reads, for limit and quota events
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +162,9 @@ class PolicyGate:
         """Allow, with the row cap: rows_per_query, or what is left of a quota if less."""
         quotas = limits is not None and (limits.rows_per_hour or limits.rows_per_day)
         if not (quotas and result.classified):
-            return Allow(result.sql, result.cap, result.truncate, cursor=result.cursor)
+            return Allow(
+                result.sql, result.cap, result.truncate, cursor=result.cursor, tables=result.tables
+            )
         assert limits is not None
         left = self._source.quota_left(self.principal.user, limits)
         if isinstance(left, PgWardenError):
@@ -174,6 +177,7 @@ class PolicyGate:
                 counted=True,
                 base_cap=result.cap,
                 cursor=result.cursor,
+                tables=result.tables,
             )
         return Allow(
             result.sql,
@@ -183,6 +187,7 @@ class PolicyGate:
             by_quota=True,
             base_cap=result.cap,
             cursor=result.cursor,
+            tables=result.tables,
         )
 
     def rows_returned(self, count: int) -> None:

@@ -813,7 +813,8 @@ class Session:
             return msg
         self._charge(cap, batch)
         event = "quota.exhausted" if cap.by_quota else "limit.exceeded"
-        self.events.append((event, {"cap": cap.limit, "rows_seen": seen, "on_exceed": cap.mode}))
+        fields = {"cap": cap.limit, "rows_seen": seen, "on_exceed": cap.mode}
+        self.events.append((event, fields | {"tables": list(cap.tables)}))
         if not cap.truncate:
             self._drop_until_ready = True  # the rest of this reply is dropped
             return _error(_over_quota(cap.limit) if cap.by_quota else _over_cap(cap.limit))
@@ -932,6 +933,7 @@ class _RowCap:
         "limit",
         "over",
         "rows",
+        "tables",
         "truncate",
     )
 
@@ -947,6 +949,7 @@ class _RowCap:
         self.limit = limit
         self.base = base  # rows_per_query when the limit may come from a quota
         self.cumulative = False  # a cursor: rows add up over its FETCHes
+        self.tables: tuple[str, ...] = ()  # for the limit.exceeded / quota.exhausted event
         self.truncate = truncate
         self.counted = counted  # delivered rows are charged to the user's quotas
         self.by_quota = by_quota  # the limit is what is left of a quota, not rows_per_query
@@ -959,22 +962,26 @@ class _RowCap:
     def of(cls, verdict: Allow) -> _RowCap | None:
         if verdict.cap is None:
             return None
-        return cls(
+        cap = cls(
             verdict.cap,
             truncate=verdict.truncate,
             counted=verdict.counted,
             by_quota=verdict.by_quota,
             base=verdict.base_cap,
         )
+        cap.tables = verdict.tables
+        return cap
 
     def fresh(self) -> _RowCap:
-        return _RowCap(
+        cap = _RowCap(
             self.limit,
             truncate=self.truncate,
             counted=self.counted,
             by_quota=self.by_quota,
             base=self.base,
         )
+        cap.tables = self.tables
+        return cap
 
     def cursor(self) -> _RowCap:
         """The running count of a cursor DECLAREd with this cap."""
