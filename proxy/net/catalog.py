@@ -12,12 +12,12 @@ import contextlib
 import ssl
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import asyncpg
 
 from proxy.analysis.catalog import CATALOG_SCHEMAS, Column, Relation, Snapshot
 from proxy.analysis.engine import Engine
+from proxy.net.upstream import asyncpg_ssl
 from proxy.policy import Policy
 from proxy.settings import UpstreamSettings
 
@@ -130,13 +130,7 @@ class SchemaKeeper:
 
     async def load_once(self) -> bool:
         up = self.upstream
-        ssl_arg: ssl.SSLContext | Literal["prefer", "require"] | bool
-        if up.tls == "disable":
-            ssl_arg = False
-        elif up.tls == "prefer":
-            ssl_arg = "prefer"
-        else:
-            ssl_arg = self.upstream_ssl or "require"
+        ssl_arg = asyncpg_ssl(up)
         try:
             conn = await asyncpg.connect(
                 host=up.host,

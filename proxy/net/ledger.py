@@ -26,15 +26,14 @@ the operation tried once more; after a failed open, new attempts wait
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from proxy.net.upstream import upstream_ssl_context
+from proxy.net.upstream import asyncpg_ssl
 from proxy.quota import (
     LedgerSchemaError,
     LedgerUnavailable,
@@ -277,13 +276,7 @@ class Ledger:
             # PGPASSWORD or the passfile.
             return asyncpg.create_pool(self._settings.state_dsn, **common)
         up = self._settings.upstream
-        ssl_arg: ssl.SSLContext | Literal["prefer", "require"] | bool
-        if up.tls == "disable":
-            ssl_arg = False
-        elif up.tls == "prefer":
-            ssl_arg = "prefer"
-        else:
-            ssl_arg = upstream_ssl_context(up) or "require"
+        ssl_arg = asyncpg_ssl(up)
         return asyncpg.create_pool(
             host=up.host,
             port=up.port,

@@ -13,11 +13,22 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Literal, cast
 
 from proxy.errors import UpstreamUnavailable
 from proxy.settings import UpstreamSettings
 from proxy.wire import frontend as fe
+
+AsyncpgSsl = ssl.SSLContext | Literal["prefer", "require"] | bool
+
+
+def asyncpg_ssl(up: UpstreamSettings) -> AsyncpgSsl:
+    """upstream.tls as asyncpg's `ssl` argument (for the schema reader and the ledger)."""
+    if up.tls == "disable":
+        return False
+    if up.tls == "prefer":
+        return "prefer"
+    return upstream_ssl_context(up) or "require"
 
 
 def upstream_ssl_context(up: UpstreamSettings) -> ssl.SSLContext | None:

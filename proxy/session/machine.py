@@ -25,6 +25,7 @@ Rules:
 
 from __future__ import annotations
 
+import copy
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -973,14 +974,11 @@ class _RowCap:
         return cap
 
     def fresh(self) -> _RowCap:
-        cap = _RowCap(
-            self.limit,
-            truncate=self.truncate,
-            counted=self.counted,
-            by_quota=self.by_quota,
-            base=self.base,
-        )
-        cap.tables = self.tables
+        """The same cap with nothing seen yet (a new portal of the same statement)."""
+        cap = copy.copy(self)
+        cap.rows = cap.batch = 0
+        cap.held = []
+        cap.over = cap.cumulative = False
         return cap
 
     def cursor(self) -> _RowCap:
