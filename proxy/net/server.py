@@ -86,6 +86,9 @@ def require_hash_key(settings: Settings, policy: Policy) -> None:
         )
 
 
+_ERROR_EVENTS = frozenset({"backstop.tripped", "analysis.failed"})
+
+
 class GateSources:
     """What a PolicyGate reads: the current engine, and the quota book."""
 
@@ -407,10 +410,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _log_events(self) -> None:
         for event, fields in self.session.events:
-            if event == "auth.ok":  # from here on every line names the user and role
+            if event == "statement":  # the one line per statement
+                self.log.info(event, **fields)
+            elif event == "auth.ok":  # from here on every line names the user and role
                 self.log = self.log.bind(user=fields["user"], role=fields["role"])
                 self.log.info(event)
-            else:  # auth.failed, upstream.error
+            elif event in _ERROR_EVENTS:
+                self.log.error(event, **fields)
+            else:  # auth.failed, upstream.error, limit.exceeded, quota.exhausted
                 self.log.warning(event, **fields)
         self.session.events.clear()
 

@@ -13,10 +13,12 @@ a restricted role's statements are refused, never passed through.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Protocol
 
 from proxy.analysis.engine import Engine, Evaluation
+from proxy.analysis.fingerprint import UNPARSABLE, fingerprint
 from proxy.errors import PgWardenError, PolicyRefusal
 from proxy.policy.model import Limits
 
@@ -31,6 +33,22 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class Audit:
+    """What the statement event says of a statement: its shape, never its values."""
+
+    fingerprint: str
+    kind: str
+    tables: tuple[str, ...] = ()
+
+
+@lru_cache(maxsize=4096)
+def passthrough_audit(sql: str) -> Audit:
+    """The audit facts of an unrestricted statement (not analysed: its first keyword)."""
+    shape = fingerprint(sql)
+    return Audit(shape, shape.split(" ", 1)[0].lower() if shape != UNPARSABLE else "")
+
+
+@dataclass(frozen=True, slots=True)
 class Allow:
     """Forward the statement; `sql` replaces the client's text when set."""
 
@@ -42,6 +60,7 @@ class Allow:
     base_cap: int | None = None  # rows_per_query, when `cap` may come from a quota
     cursor: tuple[str, bool] | None = None  # (name, True for DECLARE / False for FETCH)
     tables: tuple[str, ...] = ()  # what the statement reads, for limit and quota events
+    audit: Audit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +69,7 @@ class Refuse:
 
     error: PgWardenError
     internal: str = ""  # set when analysis itself failed (a pgwarden limitation or bug)
+    audit: Audit | None = None
 
 
 Verdict = Allow | Refuse
@@ -90,7 +110,7 @@ class PassThroughGate:
         self.forbidden: frozenset[tuple[int, int]] = frozenset()
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
-        return ALLOW
+        return _passthrough(sql)
 
     def rows_returned(self, count: int) -> None:
         return None
@@ -151,12 +171,13 @@ class PolicyGate:
             )
         result = engine.evaluate(role.name, sql, extended=extended)
         self.forbidden = engine.forbidden_fields(role.name)
+        audit = Audit(fingerprint(sql), ",".join(result.kinds), result.tables)
         if result.allowed:
-            return self._allow(result, role.limits)
+            return replace(self._allow(result, role.limits), audit=audit)
         if result.unknown_relation:
             self._source.schema_miss()
         error = PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)
-        return Refuse(error, internal=result.internal)
+        return Refuse(error, internal=result.internal, audit=audit)
 
     def _allow(self, result: Evaluation, limits: Limits | None) -> Verdict:
         """Allow, with the row cap: rows_per_query, or what is left of a quota if less."""
@@ -213,6 +234,11 @@ _NOT_READY = Refuse(
         sqlstate="57P03",
     )
 )
+
+
+@lru_cache(maxsize=4096)
+def _passthrough(sql: str) -> Allow:
+    return Allow(audit=passthrough_audit(sql))
 
 
 def gate_for(principal: Principal, source: EngineSource) -> Gate:

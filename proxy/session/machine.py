@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import copy
 import struct
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -43,7 +45,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.session import pipeline as pl
-from proxy.session.gate import Allow, Gate, Refuse
+from proxy.session.gate import Allow, Audit, Gate, Refuse
 from proxy.session.pipeline import Pipeline
 from proxy.session.startup import filter_params
 from proxy.session.upstream import UpstreamLogin
@@ -134,6 +136,7 @@ class SessionConfig:
     tls_available: bool
     tls_required: bool
     max_message_bytes: int
+    clock: Callable[[], float] = time.perf_counter  # for statement durations
 
 
 class Session:
@@ -175,6 +178,10 @@ class Session:
         self._cursor_caps: dict[str, _RowCap | None] = {}  # DECLAREd cursor -> its running count
         self._statement_cursors: dict[bytes, tuple[str, bool] | None] = {}
         self._drop_until_ready = False  # a statement over its cap was refused mid-stream
+        self._inflight: deque[_Statement] = deque()  # Queries/Executes awaiting completion
+        self._done = 0  # how many of pipeline.done have been turned into statement events
+        self._statement_audits: dict[bytes, Audit | None] = {}  # prepared name -> audit
+        self._portal_audits: dict[bytes, Audit | None] = {}  # portal name -> audit
         self._watched: dict[str, str] = {}
         self._stream_left = 0
         self._await = self.pipeline.queue.append  # expect the server's reply to a message
@@ -464,6 +471,7 @@ class Session:
             if verdict.cursor is not None and self._guarded:
                 cap = self._cursor_cap(verdict.cursor, cap)
             self.pipeline.sent_statement(pl.QUERY, cap)
+            self._inflight.append(_Statement(verdict.audit, self.config.clock()))
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
         self._note_internal(verdict)
         self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
@@ -484,6 +492,7 @@ class Session:
         return summed
 
     def _note_internal(self, verdict: Refuse) -> None:
+        self._refused_event(verdict)
         if verdict.internal:  # analysis failed: a limitation or bug of pgwarden, worth a log line
             self.events.append(("analysis.failed", {"error": verdict.internal}))
         elif verdict.error.sqlstate == "53400":
@@ -499,6 +508,7 @@ class Session:
         if isinstance(verdict, Allow):
             self._await(pl.PARSE)
             self._prepared.add(name)
+            self._statement_audits[name] = verdict.audit
             if self._guarded:
                 self._statement_caps[name] = _RowCap.of(verdict)
                 self._statement_cursors[name] = verdict.cursor
@@ -528,6 +538,7 @@ class Session:
                 )
             )
         self._await(pl.BIND)
+        self._portal_audits[data[pos + 5 : portal_end]] = self._statement_audits.get(statement)
         if self._guarded:  # each Bind starts the portal's count afresh
             template = self._statement_caps.get(statement)
             portal = data[pos + 5 : portal_end]
@@ -563,10 +574,12 @@ class Session:
         if self._blocked():
             return b""
         cap = None
+        portal_end = data.find(b"\0", pos + 5, end)
+        portal = data[pos + 5 : portal_end] if portal_end > 0 else b""
         if self._guarded:
-            portal_end = data.find(b"\0", pos + 5, end)
-            cap = self._portal_caps.get(data[pos + 5 : portal_end]) if portal_end > 0 else None
+            cap = self._portal_caps.get(portal)
         self.pipeline.sent_statement(pl.EXECUTE, cap)
+        self._inflight.append(_Statement(self._portal_audits.get(portal), self.config.clock()))
         return True
 
     def _on_close(self, data: bytes, pos: int, end: int) -> bool | bytes:
@@ -577,8 +590,10 @@ class Session:
             self._prepared.discard(name.encode())
             self._statement_caps.pop(name.encode(), None)
             self._statement_cursors.pop(name.encode(), None)
+            self._statement_audits.pop(name.encode(), None)
         else:
             self._portal_caps.pop(name.encode(), None)
+            self._portal_audits.pop(name.encode(), None)
         self._await(pl.CLOSE)
         return True
 
@@ -818,6 +833,8 @@ class Session:
         self.events.append((event, fields | {"tables": list(cap.tables)}))
         if not cap.truncate:
             self._drop_until_ready = True  # the rest of this reply is dropped
+            if self._inflight:
+                self._inflight[0].error = "53400" if cap.by_quota else "54000"
             return _error(_over_quota(cap.limit) if cap.by_quota else _over_cap(cap.limit))
         notice = be.error_response(
             "NOTICE",
@@ -856,8 +873,48 @@ class Session:
             assert self.gate is not None
             self.gate.rows_returned(self._stmt_rows)
             self.rows += self._stmt_rows
+            if self._inflight:
+                self._inflight[0].rows += self._stmt_rows
             self._stmt_rows = 0
+        if mtype == 69 and self._inflight:  # ErrorResponse: the statement failed upstream
+            self._inflight[0].error = _sqlstate(data, pos, end)
+        while self.pipeline.done > self._done:
+            self._done += 1
+            if self._inflight:
+                self._statement_event(self._inflight.popleft())
         return extra
+
+    def _statement_event(self, stmt: _Statement) -> None:
+        audit = stmt.audit
+        fields: dict[str, Any] = {
+            "fingerprint": audit.fingerprint if audit else "",
+            "kind": audit.kind if audit else "",
+            "tables": list(audit.tables) if audit else [],
+            "verdict": "allow",
+            "rows": stmt.rows,
+            "duration_ms": round((self.config.clock() - stmt.started) * 1000, 3),
+        }
+        if stmt.error:
+            fields["error"] = stmt.error
+        self.events.append(("statement", fields))
+
+    def _refused_event(self, verdict: Refuse) -> None:
+        audit = verdict.audit
+        self.events.append(
+            (
+                "statement",
+                {
+                    "fingerprint": audit.fingerprint if audit else "",
+                    "kind": audit.kind if audit else "",
+                    "tables": list(audit.tables) if audit else [],
+                    "verdict": "refuse",
+                    "reason": verdict.error.message,
+                    "sqlstate": verdict.error.sqlstate,
+                    "rows": 0,
+                    "duration_ms": 0.0,
+                },
+            )
+        )
 
     # --- closing -------------------------------------------------------------
 
@@ -914,6 +971,26 @@ _READY_HANDLERS: dict[int, _Handler] = {
 # While the server reads COPY data, only these may come from the client.
 _COPY_IN_ALLOWED = frozenset({fe.COPY_DATA, fe.COPY_DONE, fe.COPY_FAIL, fe.SYNC, fe.FLUSH})
 _COPY_HANDLERS = {t: h for t, h in _READY_HANDLERS.items() if t in _COPY_IN_ALLOWED}
+
+
+class _Statement:
+    """A Query or Execute forwarded and not answered yet: its statement event to be."""
+
+    __slots__ = ("audit", "error", "rows", "started")
+
+    def __init__(self, audit: Audit | None, started: float) -> None:
+        self.audit = audit
+        self.started = started
+        self.rows = 0
+        self.error = ""
+
+
+def _sqlstate(data: bytes, pos: int, end: int) -> str:
+    """The SQLSTATE of the ErrorResponse at data[pos:end] (a code, never a message)."""
+    at = data.find(b"\0C", pos + 4, end)
+    if data[pos + 5 : pos + 6] == b"C":
+        at = pos + 4
+    return data[at + 2 : at + 7].decode("ascii", "replace") if at >= 0 else ""
 
 
 _GUARDED_TYPES = (84, 83)  # RowDescription, ParameterStatus

@@ -118,7 +118,16 @@ class Synthetic:
 class Pipeline:
     """Expected replies, in order, plus the transaction and COPY state."""
 
-    __slots__ = ("_payloads", "caps", "copy_in", "discarding", "queue", "status", "tracking")
+    __slots__ = (
+        "_payloads",
+        "caps",
+        "copy_in",
+        "discarding",
+        "done",
+        "queue",
+        "status",
+        "tracking",
+    )
 
     def __init__(self) -> None:
         # Public for the relay's fast path, which pops the common replies
@@ -132,6 +141,7 @@ class Pipeline:
         # queue, in the same order: the row cap of that statement or portal, or None.
         self.tracking = False
         self.caps: deque[object] = deque()
+        self.done = 0  # Queries and Executes answered (or dropped after an error) so far
 
     @property
     def idle(self) -> bool:
@@ -203,14 +213,17 @@ class Pipeline:
     def _step(self, step: int) -> tuple[bool, bytes]:
         q = self.queue
         if step in (POP, POP_STATEMENT):
-            if q.popleft() == EXECUTE and self.tracking:
-                self.caps.popleft()
+            if q.popleft() == EXECUTE:
+                self.done += 1
+                if self.tracking:
+                    self.caps.popleft()
             return step == POP_STATEMENT, self._release() if self._payloads else b""
         if step == QUERY_STATEMENT:
             self.copy_in = False
             return True, b""
         if step == QUERY_DONE:
             q.popleft()
+            self.done += 1
             if self.tracking:
                 self.caps.popleft()
             self.copy_in = False
@@ -238,8 +251,10 @@ class Pipeline:
             kind = q.popleft()
             if kind == SYNTHETIC:  # so a refusal queued behind is dropped too
                 self._payloads.popleft()
-            elif kind in (EXECUTE, QUERY) and self.tracking:
-                self.caps.popleft()
+            elif kind in (EXECUTE, QUERY):
+                self.done += 1
+                if self.tracking:
+                    self.caps.popleft()
         if not q:
             self.discarding = True
         return head == EXECUTE, b""
