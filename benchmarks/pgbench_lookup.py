@@ -100,6 +100,8 @@ RATIOS = (("pgwarden", "pgbouncer"), ("pgwarden", "direct"), ("pgbouncer", "dire
 REWRITTEN_RATIOS = (("pgwarden", REWRITTEN), (REWRITTEN, "direct"))
 QUOTA = "quotas"  # pgwarden again, with hourly and daily quotas: every look-up is charged
 QUOTA_RATIOS = ((QUOTA, "pgwarden"),)
+LOGGED = "logged"  # pgwarden again, at log level info: one statement event per statement
+LOGGED_RATIOS = ((LOGGED, "pgwarden"),)
 HUGE_QUOTA = 10**12  # never reached: the cost of checking and charging, not of refusing
 COLUMNS = "id, full_name, email, phone"
 EMAIL_SAMPLE = 100  # pgbench accepts at most 128 scripts
@@ -129,16 +131,19 @@ class LookupOptions(Options):
     variants: tuple[str, ...] = VARIANTS
     rewritten: bool = False
     quotas: bool = False
+    logged: bool = False
 
     @property
     def targets(self) -> tuple[str, ...]:
         base = ("direct", REWRITTEN, *TARGETS[1:]) if self.rewritten else TARGETS
-        return (*base, QUOTA) if self.quotas else base
+        base = (*base, QUOTA) if self.quotas else base
+        return (*base, LOGGED) if self.logged else base
 
     @property
     def ratios(self) -> tuple[tuple[str, str], ...]:
         ratios = RATIOS + REWRITTEN_RATIOS if self.rewritten else RATIOS
-        return ratios + QUOTA_RATIOS if self.quotas else ratios
+        ratios = ratios + QUOTA_RATIOS if self.quotas else ratios
+        return ratios + LOGGED_RATIOS if self.logged else ratios
 
 
 def _variants(text: str) -> tuple[str, ...]:
@@ -182,6 +187,11 @@ def parse_args(argv: Sequence[str] | None) -> LookupOptions:
         action="store_true",
         help="add a target: pgwarden whose role has hourly and daily quotas (ledger cost)",
     )
+    p.add_argument(
+        "--logging",
+        action="store_true",
+        help="add a target: pgwarden at log level info (the statement event's cost)",
+    )
     p.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up (~2 minutes)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = p.parse_args(argv)
@@ -203,6 +213,7 @@ def parse_args(argv: Sequence[str] | None) -> LookupOptions:
         variants=a.variants,
         rewritten=a.rewritten,
         quotas=a.quotas,
+        logged=a.logging,
     )
 
 
@@ -335,6 +346,7 @@ def start_target(
         policy=lookup_policy(quotas=quotas),
         hash_key=creds.svc_password + "-hash",
         folder=name,
+        log_level="info" if name == LOGGED else "warning",
     )
     return select_start_target(
         name, work, server, opts, creds, stack=stack, direct=("direct", REWRITTEN), warden=warden
@@ -376,11 +388,8 @@ def check_answers(
         except TargetError as exc:
             target.fail(f"look-up check failed: {exc}")
             continue
-        masked = target.name in (
-            "pgwarden",
-            REWRITTEN,
-            QUOTA,
-        )  # masked: "***" shown, the e-mail not
+        # masked: "***" shown, the e-mail not
+        masked = target.name in ("pgwarden", REWRITTEN, QUOTA, LOGGED)
         for row in rows:
             shows_raw = email in row or "***" not in row
             if len(row.splitlines()) != 1 or shows_raw == masked:

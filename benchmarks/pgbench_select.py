@@ -396,6 +396,7 @@ def launch_pgwarden(
     policy: str = POLICY,
     hash_key: str | None = None,
     folder: str = "pgwarden",
+    log_level: str = "warning",
 ) -> tuple[Service, int]:
     workdir = work / folder
     workdir.mkdir()
@@ -403,7 +404,9 @@ def launch_pgwarden(
     (workdir / "users.txt").write_text(f'"{CLIENT_USER}" "{creds.client_secret}"\n')
     (workdir / "policy.yaml").write_text(policy)
     config = workdir / "pgwarden.yaml"
-    yaml_text = pgwarden_yaml(workdir, server, port, opts)
+    yaml_text = pgwarden_yaml(workdir, server, port, opts).replace(
+        "level: warning", f"level: {log_level}"
+    )
     if hash_key is not None:
         (workdir / "hash.key").write_text(hash_key + "\n")
         yaml_text += f"hash_key_file: {workdir / 'hash.key'}\n"

@@ -101,7 +101,8 @@ class SchemaKeeper:
         self._on_loaded = on_loaded
         self._on_failed = on_failed
         self._wake = asyncio.Event()
-        self.first_attempt = asyncio.Event()  # set once the first load succeeded or failed
+        self.first_attempt = asyncio.Event()
+        self._retired = (0, 0)  # set once the first load succeeded or failed
         self._last_miss = 0.0
 
     def set_policy(self, policy: Policy, hash_key: bytes | None) -> None:
@@ -158,4 +159,16 @@ class SchemaKeeper:
 
     def _rebuild(self) -> None:
         if self.snapshot is not None:
+            if self.engine is not None:  # keep its verdict-cache counts for the metrics
+                self._retired = (
+                    self._retired[0] + self.engine.hits,
+                    self._retired[1] + self.engine.misses,
+                )
             self.engine = Engine(self.policy, self.snapshot, self.hash_key)
+
+    def cache_stats(self) -> tuple[int, int]:
+        """Verdict-cache (hits, misses) of every engine this process built."""
+        hits, misses = self._retired
+        if self.engine is not None:
+            hits, misses = hits + self.engine.hits, misses + self.engine.misses
+        return hits, misses

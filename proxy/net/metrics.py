@@ -353,10 +353,8 @@ class Metrics:
 
     async def _healthz(self) -> bytes:
         healthy, details = await self._check()
-        body: dict[str, str] = {"status": "ok" if healthy else "unavailable"}
-        for key, value in details.items():
-            if key != "status":
-                body[key] = value
+        status = {"status": "ok" if healthy else "unavailable"}
+        body = status | {key: value for key, value in details.items() if key != "status"}
         data = json.dumps(body).encode() + b"\n"
         return _response(200 if healthy else 503, _JSON, data)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +54,7 @@ class QuotaBook:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
         self.available = False
+        self.observe: Callable[[str, Mapping[str, Any]], None] | None = None  # metrics
 
     async def start(self) -> None:
         self._keep(asyncio.ensure_future(self._prune_forever()))
@@ -63,7 +65,7 @@ class QuotaBook:
         else:
             self.available = True
             return
-        self.log.error("ledger.error", error=failure, during="open")
+        self._ledger_error(error=failure, during="open")
 
     async def load(self, user: str) -> None:
         """Read `user`'s usage (at login, and when it has grown stale)."""
@@ -77,7 +79,7 @@ class QuotaBook:
             self._loading.discard(user)
         if failure:
             self.available = False
-            self.log.error("ledger.error", error=failure, during="read")
+            self._ledger_error(error=failure, during="read")
             return
         self.available = True
         pending = self._unwritten.get(user, 0)
@@ -120,7 +122,7 @@ class QuotaBook:
                 failure = ""
             if failure:
                 self.available = False
-                self.log.error("ledger.error", error=failure, during="charge", rows=rows)
+                self._ledger_error(error=failure, during="charge", rows=rows)
                 await asyncio.sleep(self.RETRY_S)
                 continue
             left = self._unwritten.get(user, 0) - rows
@@ -150,6 +152,11 @@ class QuotaBook:
             await asyncio.sleep(self.PRUNE_S)
             with contextlib.suppress(LedgerUnavailable):
                 await self.ledger.prune()
+
+    def _ledger_error(self, **fields: Any) -> None:
+        self.log.error("ledger.error", **fields)
+        if self.observe is not None:
+            self.observe("ledger.error", fields)
 
     def _spawn_load(self, user: str) -> None:
         if user in self._loading:

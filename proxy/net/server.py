@@ -34,11 +34,12 @@ from proxy.auth import load_users
 from proxy.errors import ConfigError, PgWardenError, StartupRefused
 from proxy.net.catalog import SchemaKeeper
 from proxy.net.ledger import Ledger
+from proxy.net.metrics import Metrics
 from proxy.net.quotas import QuotaBook
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
 from proxy.policy import Policy, load_policy
 from proxy.policy.model import Limits
-from proxy.quota import has_quota
+from proxy.quota import LedgerUnavailable, has_quota
 from proxy.session.gate import Gate, Principal, gate_for
 from proxy.session.machine import (
     Cancel,
@@ -129,7 +130,11 @@ class Server:
             on_loaded=self._schema_loaded,
             on_failed=self._schema_failed,
         )
+        self.metrics = Metrics()
+        self.metrics.cache_stats = self.schema.cache_stats
+        self.metrics.health = self.health
         self.quotas = QuotaBook(Ledger(settings), self.log)
+        self.quotas.observe = self.metrics.observe
         self.sources = GateSources(self.schema, self.quotas)
         self.client_ssl = client_ssl_context(settings)
         self.upstream_ssl = upstream_ssl_context(settings.upstream)
@@ -145,6 +150,7 @@ class Server:
             tls_available=self.client_ssl is not None,
             tls_required=settings.tls.required,
             max_message_bytes=settings.limits.max_message_bytes,
+            statement_events=settings.log_level in ("debug", "info"),
         )
         self._listener: asyncio.Server | None = None
         self._stopping = asyncio.Event()
@@ -241,7 +247,18 @@ class Server:
             pid=os.getpid(),
         )
         housekeeping = asyncio.ensure_future(self._housekeeping())
+        metrics_server = None
+        if s.metrics_host is not None and s.metrics_port is not None:
+            try:
+                metrics_server = await self.metrics.serve(s.metrics_host, s.metrics_port)
+            except OSError as exc:
+                where = f"{s.metrics_host}:{s.metrics_port}"
+                raise ConfigError(
+                    "metrics_listen", f"cannot listen on {where}: {exc.strerror}"
+                ) from None
         await self._stopping.wait()
+        if metrics_server is not None:
+            metrics_server.close()
         await self._shutdown()
         housekeeping.cancel()
         keeper.cancel()
@@ -264,6 +281,7 @@ class Server:
             errors = []
         if errors:
             self.log.error("policy.rejected", errors=errors)
+            self.metrics.observe("policy.rejected", {})
             return
         self.policy = policy
         self.schema.set_policy(policy, read_hash_key(self.settings))
@@ -271,6 +289,26 @@ class Server:
         self.users.clear()
         self.users.update(users)
         self.log.info("policy.loaded", policy_hash=policy.version_hash, users=len(users))
+        self.metrics.observe("policy.loaded", {})
+
+    async def health(self) -> tuple[bool, dict[str, str]]:
+        """/healthz: can pgwarden reach the upstream database and the quota ledger now?"""
+        up = self.settings.upstream
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(up.host, up.port), 3.0)
+        except (OSError, TimeoutError):
+            upstream = "unreachable"
+        else:
+            writer.close()
+            upstream = "ok"
+        try:
+            await asyncio.wait_for(self.quotas.ledger.usage("pgwarden-healthz"), 3.0)
+        except (LedgerUnavailable, TimeoutError):
+            ledger = "unreachable"
+        else:
+            ledger = "ok"
+        ok = upstream == "ok" and ledger == "ok"
+        return ok, {"upstream": upstream, "ledger": ledger}
 
     def _schema_loaded(self, snapshot: Snapshot) -> None:
         self.log.info("schema.loaded", relations=len(snapshot.relations))
@@ -326,6 +364,7 @@ class ClientConnection(asyncio.Protocol):
         self._seen_bytes_in = 0
         self.upstream_started = 0.0
         self.bytes_in = 0
+        self.role = ""  # set at auth.ok, for the metrics
         self.bytes_out = 0
         self.closed = False
 
@@ -340,11 +379,13 @@ class ClientConnection(asyncio.Protocol):
         server.total_connections += 1
         if len(server.connections) > server.settings.limits.max_connections:
             self.log.warning("conn.refused", reason="max_connections")
+            server.metrics.observe("conn.refused", {"reason": "limit"})
             self.session.refusal = StartupRefused(
                 "pgwarden: sorry, too many clients already", sqlstate="53300"
             )
             return
         self.log.info("conn.opened")
+        server.metrics.observe("conn.opened", {})
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -409,11 +450,14 @@ class ClientConnection(asyncio.Protocol):
                 self._act(action)
 
     def _log_events(self) -> None:
+        observe = self.server.metrics.observe
         for event, fields in self.session.events:
+            observe(event, fields if "role" in fields else {**fields, "role": self.role})
             if event == "statement":  # the one line per statement
                 self.log.info(event, **fields)
             elif event == "auth.ok":  # from here on every line names the user and role
                 self.log = self.log.bind(user=fields["user"], role=fields["role"])
+                self.role = str(fields["role"])
                 self.log.info(event)
             elif event in _ERROR_EVENTS:
                 self.log.error(event, **fields)
@@ -530,6 +574,7 @@ class ClientConnection(asyncio.Protocol):
             bytes_out=self.bytes_out,
             duration_s=round(time.monotonic() - self.started, 3),
         )
+        server.metrics.observe("conn.closed", {})
 
 
 class UpstreamConnection(asyncio.Protocol):

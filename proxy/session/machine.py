@@ -137,6 +137,7 @@ class SessionConfig:
     tls_required: bool
     max_message_bytes: int
     clock: Callable[[], float] = time.perf_counter  # for statement durations
+    statement_events: bool = True  # off when the log level would drop them: no cost then
 
 
 class Session:
@@ -471,7 +472,8 @@ class Session:
             if verdict.cursor is not None and self._guarded:
                 cap = self._cursor_cap(verdict.cursor, cap)
             self.pipeline.sent_statement(pl.QUERY, cap)
-            self._inflight.append(_Statement(verdict.audit, self.config.clock()))
+            if self.config.statement_events:
+                self._inflight.append(_Statement(verdict.audit, self.config.clock()))
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
         self._note_internal(verdict)
         self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
@@ -492,7 +494,8 @@ class Session:
         return summed
 
     def _note_internal(self, verdict: Refuse) -> None:
-        self._refused_event(verdict)
+        if self.config.statement_events:
+            self._refused_event(verdict)
         if verdict.internal:  # analysis failed: a limitation or bug of pgwarden, worth a log line
             self.events.append(("analysis.failed", {"error": verdict.internal}))
         elif verdict.error.sqlstate == "53400":
@@ -579,7 +582,8 @@ class Session:
         if self._guarded:
             cap = self._portal_caps.get(portal)
         self.pipeline.sent_statement(pl.EXECUTE, cap)
-        self._inflight.append(_Statement(self._portal_audits.get(portal), self.config.clock()))
+        if self.config.statement_events:
+            self._inflight.append(_Statement(self._portal_audits.get(portal), self.config.clock()))
         return True
 
     def _on_close(self, data: bytes, pos: int, end: int) -> bool | bytes:
