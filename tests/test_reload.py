@@ -6,7 +6,9 @@ policy.rejected and the old one stays in force.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,3 +66,38 @@ def test_sighup_keeps_the_old_policy_when_the_new_one_is_invalid(
     assert all(str(proxy.policy_path) in line for line in rejected["errors"])
     assert _login(proxy, "dora", PASSWORDS["dora"]) == "ok"
     assert proxy.process.poll() is None
+
+
+def test_a_changed_policy_file_is_reloaded_without_a_signal(
+    pgwarden: Callable[..., Proxy],
+) -> None:
+    proxy = pgwarden()
+    assert _login(proxy, "bob", PASSWORDS["bob"]) == "ok"
+    time.sleep(1.1)  # a different mtime even on coarse file systems
+    proxy.policy_path.write_text(TEST_POLICY.replace("members: [bob]", "members: [bob, frank]"))
+    loaded = _wait_for_event(proxy, "policy.loaded")
+    assert loaded["changes"] == {"analyst": {"members_added": ["frank"], "members_removed": []}}
+
+
+def test_a_second_stop_signal_exits_at_once(pgwarden: Callable[..., Proxy]) -> None:
+    proxy = pgwarden(limits={"shutdown_timeout_s": 60})
+    conn = psycopg.connect(proxy.dsn("dora", PASSWORDS["dora"]), autocommit=True)
+    try:
+
+        def sleep_long() -> None:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_sleep(30)")
+
+        busy = threading.Thread(target=sleep_long, daemon=True)
+        busy.start()
+        time.sleep(0.5)
+        proxy.process.send_signal(signal.SIGTERM)
+        _wait_for_event(proxy, "shutdown")
+        assert proxy.process.poll() is None  # draining: the statement is still running
+        started = time.monotonic()
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=10) == 1
+        assert time.monotonic() - started < 5
+        _wait_for_event(proxy, "shutdown.forced")
+    finally:
+        conn.close()

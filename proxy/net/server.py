@@ -23,8 +23,10 @@ import os
 import secrets
 import signal
 import ssl
+import sys
 import time
 from contextlib import suppress
+from pathlib import Path
 from typing import Any, cast
 
 from proxy import audit
@@ -38,7 +40,7 @@ from proxy.net.metrics import Metrics
 from proxy.net.quotas import QuotaBook
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
 from proxy.policy import Policy, load_policy
-from proxy.policy.model import Limits
+from proxy.policy.model import Limits, policy_changes
 from proxy.quota import LedgerUnavailable, has_quota
 from proxy.session.gate import Gate, Principal, gate_for
 from proxy.session.machine import (
@@ -64,6 +66,18 @@ def client_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 HASH_KEY_ENV = "PGWARDEN_HASH_KEY"
+
+
+def _stamps(paths: tuple[Path, ...]) -> tuple[tuple[float, int] | None, ...]:
+    stamps: list[tuple[float, int] | None] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((st.st_mtime, st.st_size))
+    return tuple(stamps)
 
 
 def read_hash_key(settings: Settings) -> bytes | None:
@@ -115,6 +129,8 @@ class GateSources:
 
 class Server:
     """Shared state of one pgwarden process: settings, policy, live sessions."""
+
+    WATCH_S = 1.0  # how often the policy and users files are checked for changes
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -236,7 +252,7 @@ class Server:
                 "listen", f"cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
             ) from None
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.log.info(
             "startup",
@@ -247,6 +263,7 @@ class Server:
             pid=os.getpid(),
         )
         housekeeping = asyncio.ensure_future(self._housekeeping())
+        watcher = asyncio.ensure_future(self._watch_files())
         metrics_server = None
         if s.metrics_host is not None and s.metrics_port is not None:
             try:
@@ -261,8 +278,17 @@ class Server:
             metrics_server.close()
         await self._shutdown()
         housekeeping.cancel()
+        watcher.cancel()
         keeper.cancel()
         return 0
+
+    def _stop_signal(self) -> None:
+        """SIGTERM/SIGINT: drain; a second one exits at once."""
+        if self._stopping.is_set():
+            self.log.warning("shutdown.forced")
+            sys.stdout.flush()
+            os._exit(1)
+        self._stopping.set()
 
     def reload(self) -> None:
         """SIGHUP: re-read the policy and the users file; keep the old ones if invalid.
@@ -283,13 +309,34 @@ class Server:
             self.log.error("policy.rejected", errors=errors)
             self.metrics.observe("policy.rejected", {})
             return
-        self.policy = policy
+        old, self.policy = self.policy, policy
         self.schema.set_policy(policy, read_hash_key(self.settings))
         self.schema.refresh_soon()
         self.users.clear()
         self.users.update(users)
-        self.log.info("policy.loaded", policy_hash=policy.version_hash, users=len(users))
+        self.log.info(
+            "policy.loaded",
+            policy_hash=policy.version_hash,
+            users=len(users),
+            changes=policy_changes(old, policy),
+        )
         self.metrics.observe("policy.loaded", {})
+
+    async def _watch_files(self) -> None:
+        """Reload when the policy or users file changes on disk (polled: no dependency).
+
+        A change is a different (mtime, size); a half-written file simply fails
+        validation (policy.rejected) and the next change is picked up again.
+        """
+        paths = (self.settings.policy, self.settings.users_file)
+        seen = _stamps(paths)
+        while True:
+            await asyncio.sleep(self.WATCH_S)
+            now = _stamps(paths)
+            if now != seen:
+                seen = now
+                self.log.info("policy.changed_on_disk")
+                self.reload()
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """/healthz: can pgwarden reach the upstream database and the quota ledger now?"""

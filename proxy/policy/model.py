@@ -115,3 +115,29 @@ def pattern_matches(pattern: str, table: str) -> bool:
     """Whether `schema.table` is matched by `pattern` (`*` matches any run)."""
     regex = "[^.]*".join(re.escape(piece) for piece in pattern.split("*"))
     return re.fullmatch(regex, table) is not None
+
+
+def policy_changes(old: Policy, new: Policy) -> dict[str, object]:
+    """What a reload changes, for the policy.loaded event: roles, members, tables."""
+    changes: dict[str, object] = {}
+    added = sorted(set(new.roles) - set(old.roles))
+    removed = sorted(set(old.roles) - set(new.roles))
+    if added:
+        changes["roles_added"] = added
+    if removed:
+        changes["roles_removed"] = removed
+    for name in sorted(set(old.roles) & set(new.roles)):
+        before, after = old.roles[name], new.roles[name]
+        role: dict[str, object] = {}
+        if before.members != after.members:
+            role["members_added"] = sorted(after.members - before.members)
+            role["members_removed"] = sorted(before.members - after.members)
+        if before.tables != after.tables:
+            role["tables"] = list(after.tables)
+        if before.columns != after.columns or before.limits != after.limits:
+            role["rules_changed"] = True
+        if role:
+            changes[name] = role
+    if old.classify != new.classify:
+        changes["classify_changed"] = True
+    return changes
