@@ -378,3 +378,14 @@ def test_oracle_tells_raw_from_masked(
     masked = oracle.get("oracle", client).run(sql, prefix)
     assert raw.rows, "customer 7 matches its own prefix"
     assert difference(raw, masked) is not None
+
+
+def test_the_log_of_the_whole_run_holds_no_protected_value(
+    sec_proxy: Proxy, forbidden: dict[str, Forbidden]
+) -> None:
+    # Runs after the cases above (file order): every statement, refusal and error of
+    # the run has been logged by now, with the raw values the attacks typed in.
+    text = "\n".join(sec_proxy.log_lines()).lower()
+    assert '"event":"statement"' in text
+    leaked = [s.describe() for s in forbidden["analyst"].secrets if s.value.lower() in text]
+    assert not leaked, leaked[:10]
