@@ -50,7 +50,7 @@ from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine
 from proxy.demo import shop_sql
 from proxy.errors import PgWardenError
-from proxy.net.catalog import read_snapshot
+from proxy.net.catalog import fetch_snapshot
 from proxy.pgserver import PgServer
 from proxy.policy import Policy, load_policy
 
@@ -188,7 +188,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
 
 async def _fetch_snapshot(server: PgServer) -> Snapshot:
-    conn = await asyncpg.connect(
+    return await fetch_snapshot(
         host=server.host,
         port=server.port,
         user=SVC_USER,
@@ -197,10 +197,6 @@ async def _fetch_snapshot(server: PgServer) -> Snapshot:
         ssl=False,
         timeout=30,
     )
-    try:
-        return await read_snapshot(conn)
-    finally:
-        await conn.close()
 
 
 def load_snapshot(customers: int) -> tuple[Snapshot, str]:

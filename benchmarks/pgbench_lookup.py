@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import yaml
 from pgbench_select import (
     CLIENT_USER,
@@ -85,7 +84,7 @@ from pgbench_select import (
 from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine
 from proxy.demo import shop_sql
-from proxy.net.catalog import read_snapshot
+from proxy.net.catalog import fetch_snapshot
 from proxy.pgserver import PgServer
 from proxy.policy import parse_policy
 
@@ -302,7 +301,7 @@ def lookup_policy(*, quotas: bool = False) -> str:
 
 
 async def _snapshot(server: PgServer, creds: Credentials) -> Snapshot:
-    conn = await asyncpg.connect(
+    return await fetch_snapshot(
         host=server.host,
         port=server.port,
         user=SVC_USER,
@@ -311,10 +310,6 @@ async def _snapshot(server: PgServer, creds: Credentials) -> Snapshot:
         ssl=False,
         timeout=30,
     )
-    try:
-        return await read_snapshot(conn)
-    finally:
-        await conn.close()
 
 
 def rewritten_texts(server: PgServer, creds: Credentials) -> dict[str, str]:

@@ -12,6 +12,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 
@@ -54,6 +55,15 @@ async def read_snapshot(conn: asyncpg.Connection) -> Snapshot:
     return Snapshot.of(
         (_relation(row) for row in rows), user_functions=(r["proname"] for r in functions)
     )
+
+
+async def fetch_snapshot(**connect: Any) -> Snapshot:
+    """Connect (asyncpg.connect's arguments), read the snapshot, disconnect."""
+    conn = await asyncpg.connect(**connect)
+    try:
+        return await read_snapshot(conn)
+    finally:
+        await conn.close()
 
 
 def _relation(row: asyncpg.Record) -> Relation:
