@@ -115,6 +115,9 @@ _LOST: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # a connection whose backend died mid-operation can be left in a broken state
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
 
 
