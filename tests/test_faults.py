@@ -1024,3 +1024,31 @@ def test_a_policy_using_hash_without_a_key_refuses_to_start(pgwarden: Launcher) 
     err = proxy.stderr_path.read_text()
     assert "hash_key_file" in err
     assert "uses the hash mask" in err, err
+
+
+def test_sigterm_with_twenty_busy_clients_breaks_no_statement(pgwarden: Launcher) -> None:
+    proxy = pgwarden(limits={"shutdown_timeout_s": 20, "max_connections_per_user": 30})
+    outcomes: list[object] = []
+    lock = threading.Lock()
+    started = threading.Barrier(21)
+
+    def client() -> None:
+        with connect(proxy) as conn:
+            started.wait(timeout=30)
+            try:
+                value: object = scalar(conn, "SELECT 7 FROM pg_sleep(1)")
+            except Exception as exc:  # noqa: BLE001 - reported by the test thread
+                value = exc
+            with lock:
+                outcomes.append(value)
+
+    threads = [threading.Thread(target=client) for _ in range(20)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=30)
+    time.sleep(0.3)  # the statements are running
+    proxy.process.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=30)
+    assert outcomes == [7] * 20, [o for o in outcomes if o != 7][:3]
+    assert proxy.process.wait(timeout=25) == 0

@@ -101,3 +101,41 @@ def test_a_second_stop_signal_exits_at_once(pgwarden: Callable[..., Proxy]) -> N
         _wait_for_event(proxy, "shutdown.forced")
     finally:
         conn.close()
+
+
+def test_fifty_reloads_under_load_lose_no_statement(pgwarden: Callable[..., Proxy]) -> None:
+    proxy = pgwarden()
+    variants = [TEST_POLICY, TEST_POLICY.replace("members: [bob]", "members: [bob, frank]")]
+    results: dict[str, int] = {"ok": 0}
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def work(user: str) -> None:
+        with psycopg.connect(proxy.dsn(user, PASSWORDS[user]), autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    rows = conn.execute("SELECT id, email FROM customers WHERE id <= 3").fetchall()
+                except psycopg.Error as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    return
+                if len(rows) != 3:
+                    failures.append(f"{len(rows)} rows")
+                    return
+                results["ok"] += 1
+
+    workers = [threading.Thread(target=work, args=(u,)) for u in ("alice", "carol", "bob", "dora")]
+    for w in workers:
+        w.start()
+    try:
+        for n in range(50):
+            proxy.policy_path.write_text(variants[n % 2])
+            proxy.process.send_signal(signal.SIGHUP)
+            time.sleep(0.04)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=30)
+    assert failures == []
+    assert results["ok"] > 50
+    _wait_for_event(proxy, "policy.loaded", count=50)
+    assert not [e for e in proxy.events() if e.get("event") == "policy.rejected"]
