@@ -491,7 +491,7 @@ def test_wrong_password_is_refused(split: str) -> None:
         "FATAL", "28P01", 'password authentication failed for user "alice"'
     )
     assert_closed(wire)
-    assert ("auth.failed", {"user": "alice"}) in wire.session.events
+    assert ("auth.failed", {"user": "alice", "reason": "password"}) in wire.session.events
 
 
 def test_unknown_user_gets_the_same_reply_as_a_wrong_password(split: str) -> None:

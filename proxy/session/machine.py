@@ -346,7 +346,7 @@ class Session:
             try:
                 self._auth_message(msg)
             except AuthFailed:
-                self.events.append(("auth.failed", {"user": self.user}))
+                self.events.append(("auth.failed", {"user": self.user, "reason": "password"}))
                 raise
         if self.phase in (Phase.AUTH_INITIAL, Phase.AUTH_FINAL):
             self._auth_buf = buf
