@@ -61,6 +61,7 @@ def test_metrics_after_a_workload(pgwarden: Launcher) -> None:
     assert m[("pgwarden_verdict_cache_hits_total", ())] >= 2  # the same text three times
     assert m[("pgwarden_verdict_cache_misses_total", ())] >= 3
     assert m[("pgwarden_statement_duration_seconds_count", (("role", "support"),))] >= 4
+    assert m[("pgwarden_statement_upstream_seconds_count", (("role", "support"),))] >= 4
 
 
 def test_healthz_follows_upstream_and_ledger(pgwarden: Launcher) -> None:

@@ -57,6 +57,7 @@ def test_statement_events_through_both_protocols(pgwarden: Launcher, pg: PgServe
     assert lookup["user"] == "alice"
     assert lookup["role"] == "support"
     assert isinstance(lookup["duration_ms"], float)
+    assert 0 <= lookup["upstream_ms"] <= lookup["duration_ms"]  # the rest is pgwarden's own
     assert refused["verdict"] == "refuse"
     assert refused["sqlstate"] == "42501"
     assert "street" in refused["reason"]

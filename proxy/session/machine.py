@@ -465,6 +465,7 @@ class Session:
             return b""
         assert self.gate is not None
         self.statements += 1
+        checking = self.config.clock() if self.config.statement_events else 0.0
         verdict = self.gate.check_statement(fe.decode_query(data[pos:end]), extended=False)
         self._prepared.discard(b"")  # a simple Query drops the unnamed statement
         if isinstance(verdict, Allow):
@@ -473,7 +474,7 @@ class Session:
                 cap = self._cursor_cap(verdict.cursor, cap)
             self.pipeline.sent_statement(pl.QUERY, cap)
             if self.config.statement_events:
-                self._inflight.append(_Statement(verdict.audit, self.config.clock()))
+                self._inflight.append(_Statement(verdict.audit, self.config.clock(), checking))
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
         self._note_internal(verdict)
         self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
@@ -890,13 +891,15 @@ class Session:
 
     def _statement_event(self, stmt: _Statement) -> None:
         audit = stmt.audit
+        now = self.config.clock()
         fields: dict[str, Any] = {
             "fingerprint": audit.fingerprint if audit else "",
             "kind": audit.kind if audit else "",
             "tables": list(audit.tables) if audit else [],
             "verdict": "allow",
             "rows": stmt.rows,
-            "duration_ms": round((self.config.clock() - stmt.started) * 1000, 3),
+            "duration_ms": round((now - stmt.checked_from) * 1000, 3),
+            "upstream_ms": round((now - stmt.started) * 1000, 3),
         }
         if stmt.error:
             fields["error"] = stmt.error
@@ -980,11 +983,12 @@ _COPY_HANDLERS = {t: h for t, h in _READY_HANDLERS.items() if t in _COPY_IN_ALLO
 class _Statement:
     """A Query or Execute forwarded and not answered yet: its statement event to be."""
 
-    __slots__ = ("audit", "error", "rows", "started")
+    __slots__ = ("audit", "checked_from", "error", "rows", "started")
 
-    def __init__(self, audit: Audit | None, started: float) -> None:
+    def __init__(self, audit: Audit | None, started: float, checked_from: float = 0.0) -> None:
         self.audit = audit
-        self.started = started
+        self.started = started  # when it was forwarded upstream
+        self.checked_from = checked_from or started  # when pgwarden began to check it
         self.rows = 0
         self.error = ""
 
