@@ -52,9 +52,13 @@ def documented() -> dict[str, tuple[str, set[str]]]:
 def test_the_documented_events_are_the_ones_emitted(pgwarden: Launcher) -> None:
     doc = documented()
     assert {"statement", "conn.closed", "policy.loaded", "quota.exhausted"} <= set(doc)
-    policy = TEST_POLICY.replace("rows_per_hour: 20000", "rows_per_hour: 60")
-    proxy = pgwarden(policy_text=policy)
-    with psycopg.connect(proxy.dsn("alice", PASSWORDS["alice"]), autocommit=True) as alice:
+    # its own user: the ledger is shared by every proxy of the test session
+    policy = TEST_POLICY.replace("rows_per_hour: 20000", "rows_per_hour: 60").replace(
+        "members: [alice, carol]", "members: [alice, carol, events_user]"
+    )
+    users = {**PASSWORDS, "events_user": "events-pw"}
+    proxy = pgwarden(policy_text=policy, users=users)
+    with psycopg.connect(proxy.dsn("events_user", "events-pw"), autocommit=True) as alice:
         alice.execute("SELECT id FROM customers WHERE id <= 50").fetchall()
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             alice.execute("SELECT street FROM customers")
@@ -63,7 +67,7 @@ def test_the_documented_events_are_the_ones_emitted(pgwarden: Launcher) -> None:
         with pytest.raises(psycopg.errors.ConfigurationLimitExceeded):
             alice.execute("SELECT id FROM customers WHERE id <= 20").fetchall()
     with pytest.raises(psycopg.OperationalError):
-        psycopg.connect(proxy.dsn("alice", "wrong-password"))
+        psycopg.connect(proxy.dsn("events_user", "wrong-password"))
     proxy.policy_path.write_text("version: 1\nroles: {broken")
     proxy.process.send_signal(signal.SIGHUP)
     time.sleep(0.5)

@@ -919,6 +919,7 @@ class Session:
                     "sqlstate": verdict.error.sqlstate,
                     "rows": 0,
                     "duration_ms": 0.0,
+                    "upstream_ms": 0.0,
                 },
             )
         )
