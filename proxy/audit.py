@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -27,9 +29,8 @@ _LEVELS["error"] = logging.ERROR
 def configure(fmt: str = "json", level: str = "info") -> None:
     """Set up structlog for the process (idempotent)."""
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        _timestamp,
         # Tracebacks as text, never with local variables: locals may hold data.
         structlog.processors.format_exc_info,
     ]
@@ -45,6 +46,32 @@ def configure(fmt: str = "json", level: str = "info") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+class _Clock:
+    """ISO 8601 UTC timestamps, the seconds part formatted once per second.
+
+    Same text as structlog's TimeStamper(fmt="iso", utc=True) ("...T01:02:03.456789Z"),
+    at a fraction of the cost: one line per statement makes this a hot path.
+    """
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        event["ts"] = f"{self.prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
+
+
+_timestamp = _Clock()
 
 
 def get_logger(**context: Any) -> Any:
