@@ -71,6 +71,7 @@ from pgbench_select import (
     _positive_list,
     _round,
     check_connection_headroom,
+    choice_list,
     drive,
     launch_pgwarden,
     progress,
@@ -145,12 +146,7 @@ class LookupOptions(Options):
         return ratios + LOGGED_RATIOS if self.logged else ratios
 
 
-def _variants(text: str) -> tuple[str, ...]:
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in values if v not in VARIANTS]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"variants are {', '.join(VARIANTS)}; got {text!r}")
-    return values
+_variants = choice_list(VARIANTS, "variants")
 
 
 def parse_args(argv: Sequence[str] | None) -> LookupOptions:

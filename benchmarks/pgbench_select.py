@@ -86,12 +86,19 @@ def _positive_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _modes(text: str) -> tuple[str, ...]:
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in values if v not in MODES]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {text!r}")
-    return values
+def choice_list(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of some of `allowed`."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        if not values or [v for v in values if v not in allowed]:
+            raise argparse.ArgumentTypeError(f"{what} are {', '.join(allowed)}; got {text!r}")
+        return values
+
+    return parse
+
+
+_modes = choice_list(MODES, "modes")
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:

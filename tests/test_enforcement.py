@@ -6,10 +6,12 @@ the schema snapshot catching up with a table created after pgwarden started.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Callable
 
+import asyncpg
 import psycopg
 import pytest
 from conftest import PASSWORDS, SVC_PASSWORD, SVC_USER, TEST_POLICY, Proxy
@@ -114,3 +116,33 @@ def test_a_table_created_later_is_found_after_a_miss(pgwarden: Launcher, pg: PgS
     finally:
         with psycopg.connect(pg.dsn(dbname="shop"), autocommit=True) as admin:
             admin.execute("DROP TABLE public.late_table")
+
+
+def test_a_statement_prepared_before_a_reload_is_not_executed_after_it(
+    pgwarden: Launcher,
+) -> None:
+    proxy = pgwarden(policy_text=CLERK_POLICY, users=USERS)
+
+    async def run() -> str:
+        conn = await asyncpg.connect(proxy.dsn("alice", PASSWORDS["alice"]))
+        try:
+            stmt = await conn.prepare("SELECT id, full_name FROM customers WHERE id = $1")
+            assert len(await stmt.fetch(1)) == 1
+            # full_name becomes denied: the prepared text still selects it raw
+            proxy.policy_path.write_text(
+                CLERK_POLICY.replace("      name: allow\n", "      name: deny\n", 1)
+            )
+            proxy.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    rows = await stmt.fetch(1)
+                except asyncpg.InsufficientPrivilegeError as exc:
+                    return str(exc)
+                assert rows[0]["full_name"] is not None  # the old policy, still in force
+                await asyncio.sleep(0.1)
+            return "never refused"
+        finally:
+            await conn.close()
+
+    assert "policy changed since this statement was prepared" in asyncio.run(run())

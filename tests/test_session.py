@@ -18,7 +18,7 @@ import pytest
 from scramp import ScramClient
 
 from proxy.auth import make_secret, parse_secret
-from proxy.errors import PolicyRefusal
+from proxy.errors import PgWardenError, PolicyRefusal
 from proxy.session.gate import ALLOW, Allow, Gate, PassThroughGate, Principal, Refuse, Verdict
 from proxy.session.machine import (
     Cancel,
@@ -60,6 +60,7 @@ class RefusingGate:
         self.checked: list[tuple[str, bool]] = []
         self.rows: list[int] = []
         self.charged: list[int] = []
+        self.bind_answer: int | PgWardenError | None = None  # what check_bind says
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
         self.checked.append((sql, extended))
@@ -77,8 +78,8 @@ class RefusingGate:
     def charge(self, rows: int) -> None:
         self.charged.append(rows)
 
-    def quota_left(self) -> int | None:
-        return None
+    def check_bind(self, prepared_under: str) -> int | PgWardenError | None:
+        return self.bind_answer
 
 
 def passthrough_gate(user: str) -> Gate | None:
@@ -1364,3 +1365,19 @@ def test_copy_out_rows_are_capped(split: str) -> None:
     data = b"".join(copy_data(b"%d\n" % i) for i in range(4))
     wire.server(copy_response(b"H") + data + msg(b"c") + command_complete("COPY 4") + READY_I)
     assert kinds(wire.to_client()) == "HEZ"
+
+
+def test_bind_is_refused_when_the_gate_says_the_statement_no_longer_holds(split: str) -> None:
+    # e.g. the policy changed since the Parse, or the user left the role
+    wire = ready_wire(split)
+    wire.client(fe.encode_parse("s1", "SELECT 1") + SYNC)
+    wire.to_server()
+    wire.server(b"1" + struct.pack("!i", 4) + READY_I)
+    wire.to_client()
+    gate_of(wire).bind_answer = PolicyRefusal("pgwarden: the policy changed; Bind refused")
+    wire.client(bind("s1") + execute() + SYNC)
+    assert wire.to_server() == SYNC
+    wire.server(READY_I)
+    got = messages(wire.to_client())
+    assert [k for k, _ in got] == ["E", "Z"]
+    assert error_fields(got[0][1])["C"] == "42501"

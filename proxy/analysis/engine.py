@@ -383,10 +383,7 @@ def _check_session(stmt: PgNode) -> None:
 
 def _tag(stmt: PgNode) -> str:
     name = type(stmt).__name__.removesuffix("Stmt")
-    words = "".join(" " + ch if ch.isupper() else ch for ch in name).strip().upper()
-    return {"EXPLAIN": "EXPLAIN", "DO": "DO", "EXECUTE": "EXECUTE", "PREPARE": "PREPARE"}.get(
-        words, words
-    )
+    return "".join(" " + ch if ch.isupper() else ch for ch in name).strip().upper()
 
 
 def _refused(refusal: Refusal, facts: _Facts) -> Evaluation:

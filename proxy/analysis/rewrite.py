@@ -90,7 +90,6 @@ class Rewriter:
         self.outcome = Outcome()
         self._sources: dict[int, list[Source]] = {}  # id(scope node) -> its FROM items
         self._by_table: dict[int, Source] = {}  # id(exp.Table) -> Source
-        self._internal: set[int] = set()  # nodes the rewrite created
 
     # --- entry point -------------------------------------------------------------
 
@@ -479,7 +478,6 @@ class Rewriter:
         else:
             cond = exp.EQ(this=raw_col, expression=values[0].copy())
         inner = inner.where(cond, copy=False)
-        self._internal.update(id(n) for n in inner.walk())
         visible = {b: v for v, b in source.base.items()}
         keys = [
             exp.column(visible[k], table=source.alias, quoted=True) for k in relation.primary_key
@@ -547,7 +545,6 @@ class Rewriter:
         inner = exp.select(*projections, copy=False).from_(inner_table, copy=False)
         if source.filters:
             inner = inner.where(exp.and_(*source.filters, copy=False), copy=False)
-        self._internal.update(id(n) for n in inner.walk())
         derived = exp.Subquery(
             this=inner, alias=exp.TableAlias(this=exp.to_identifier(source.alias, quoted=True))
         )

@@ -20,7 +20,8 @@ from typing import Protocol
 from proxy.analysis.engine import Engine, Evaluation
 from proxy.analysis.fingerprint import UNPARSABLE, fingerprint
 from proxy.errors import PgWardenError, PolicyRefusal
-from proxy.policy.model import Limits
+from proxy.policy.model import Limits, Role
+from proxy.quota import has_quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class Allow:
     cursor: tuple[str, bool] | None = None  # (name, True for DECLARE / False for FETCH)
     tables: tuple[str, ...] = ()  # what the statement reads, for limit and quota events
     audit: Audit | None = None
+    policy_version: str = ""  # the policy it was checked under (restricted roles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +97,12 @@ class Gate(Protocol):
         """Rows of a quota-counted statement were delivered (per statement or batch)."""
         ...
 
-    def quota_left(self) -> int | PgWardenError | None:
-        """Rows the user may still read now (None: no quota); asked again at every Bind."""
+    def check_bind(self, prepared_under: str) -> int | PgWardenError | None:
+        """At every Bind of a statement prepared under policy `prepared_under`.
+
+        The refusal when the user left the role or the policy changed since the
+        statement was prepared; else the rows the quotas leave (None: no quota).
+        """
         ...
 
 
@@ -110,7 +116,7 @@ class PassThroughGate:
         self.forbidden: frozenset[tuple[int, int]] = frozenset()
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
-        return _passthrough(sql)
+        return ALLOW  # the session fingerprints it for the log, only when that is on
 
     def rows_returned(self, count: int) -> None:
         return None
@@ -118,7 +124,7 @@ class PassThroughGate:
     def charge(self, rows: int) -> None:
         return None
 
-    def quota_left(self) -> int | PgWardenError | None:
+    def check_bind(self, prepared_under: str) -> int | PgWardenError | None:
         return None
 
 
@@ -160,20 +166,17 @@ class PolicyGate:
         engine = self._source.engine
         if engine is None:
             return _NOT_READY
-        role = engine.policy.role_of(self.principal.user)
-        if role is None or role.name != self.principal.role:
-            return Refuse(
-                PolicyRefusal(
-                    f'pgwarden: user "{self.principal.user}" is no longer in role '
-                    f'"{self.principal.role}"; statement refused',
-                    hint="The policy changed; reconnect to get your current role.",
-                )
-            )
+        role = self._role(engine)
+        if role is None:
+            return Refuse(self._not_a_member())
         result = engine.evaluate(role.name, sql, extended=extended)
         self.forbidden = engine.forbidden_fields(role.name)
         audit = Audit(fingerprint(sql), ",".join(result.kinds), result.tables)
         if result.allowed:
-            return replace(self._allow(result, role.limits), audit=audit)
+            verdict = self._allow(result, role.limits)
+            if isinstance(verdict, Allow):
+                return replace(verdict, audit=audit, policy_version=engine.policy.version_hash)
+            return replace(verdict, audit=audit)
         if result.unknown_relation:
             self._source.schema_miss()
         error = PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)
@@ -217,14 +220,34 @@ class PolicyGate:
     def charge(self, rows: int) -> None:
         self._source.charge(self.principal.user, rows)
 
-    def quota_left(self) -> int | PgWardenError | None:
+    def check_bind(self, prepared_under: str) -> int | PgWardenError | None:
         engine = self._source.engine
-        role = engine.policy.role_of(self.principal.user) if engine is not None else None
-        if role is None or role.limits is None:
+        if engine is None:
+            return _NOT_READY.error
+        role = self._role(engine)
+        if role is None:
+            return self._not_a_member()
+        if engine.policy.version_hash != prepared_under:
+            return PolicyRefusal(
+                "pgwarden: the policy changed since this statement was prepared; Bind refused",
+                hint="Prepare the statement again (reconnecting does it for most drivers).",
+            )
+        if not has_quota(role.limits):
             return None
-        if not (role.limits.rows_per_hour or role.limits.rows_per_day):
-            return None
+        assert role.limits is not None
         return self._source.quota_left(self.principal.user, role.limits)
+
+    def _role(self, engine: Engine) -> Role | None:
+        """The user's role under the current policy, if it is still the one of the login."""
+        role = engine.policy.role_of(self.principal.user)
+        return role if role is not None and role.name == self.principal.role else None
+
+    def _not_a_member(self) -> PgWardenError:
+        return PolicyRefusal(
+            f'pgwarden: user "{self.principal.user}" is no longer in role '
+            f'"{self.principal.role}"; statement refused',
+            hint="The policy changed; reconnect to get your current role.",
+        )
 
 
 _NOT_READY = Refuse(
@@ -234,11 +257,6 @@ _NOT_READY = Refuse(
         sqlstate="57P03",
     )
 )
-
-
-@lru_cache(maxsize=4096)
-def _passthrough(sql: str) -> Allow:
-    return Allow(audit=passthrough_audit(sql))
 
 
 def gate_for(principal: Principal, source: EngineSource) -> Gate:

@@ -45,7 +45,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.session import pipeline as pl
-from proxy.session.gate import Allow, Audit, Gate, Refuse
+from proxy.session.gate import Allow, Audit, Gate, Refuse, passthrough_audit
 from proxy.session.pipeline import Pipeline
 from proxy.session.startup import filter_params
 from proxy.session.upstream import UpstreamLogin
@@ -178,6 +178,7 @@ class Session:
         self._portal_caps: dict[bytes, _RowCap | None] = {}  # portal name -> its running count
         self._cursor_caps: dict[str, _RowCap | None] = {}  # DECLAREd cursor -> its running count
         self._statement_cursors: dict[bytes, tuple[str, bool] | None] = {}
+        self._statement_policies: dict[bytes, str] = {}  # prepared name -> policy version
         self._drop_until_ready = False  # a statement over its cap was refused mid-stream
         self._inflight: deque[_Statement] = deque()  # Queries/Executes awaiting completion
         self._done = 0  # how many of pipeline.done have been turned into statement events
@@ -466,7 +467,8 @@ class Session:
         assert self.gate is not None
         self.statements += 1
         checking = self.config.clock() if self.config.statement_events else 0.0
-        verdict = self.gate.check_statement(fe.decode_query(data[pos:end]), extended=False)
+        sql = fe.decode_query(data[pos:end])
+        verdict = self.gate.check_statement(sql, extended=False)
         self._prepared.discard(b"")  # a simple Query drops the unnamed statement
         if isinstance(verdict, Allow):
             cap = _RowCap.of(verdict)
@@ -474,7 +476,8 @@ class Session:
                 cap = self._cursor_cap(verdict.cursor, cap)
             self.pipeline.sent_statement(pl.QUERY, cap)
             if self.config.statement_events:
-                self._inflight.append(_Statement(verdict.audit, self.config.clock(), checking))
+                audit = verdict.audit or passthrough_audit(sql)
+                self._inflight.append(_Statement(audit, self.config.clock(), checking))
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
         self._note_internal(verdict)
         self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
@@ -512,10 +515,12 @@ class Session:
         if isinstance(verdict, Allow):
             self._await(pl.PARSE)
             self._prepared.add(name)
-            self._statement_audits[name] = verdict.audit
+            if self.config.statement_events:
+                self._statement_audits[name] = verdict.audit or passthrough_audit(query)
             if self._guarded:
                 self._statement_caps[name] = _RowCap.of(verdict)
                 self._statement_cursors[name] = verdict.cursor
+                self._statement_policies[name] = verdict.policy_version
             if verdict.sql is None:
                 return True
             parse = fe.decode_parse(data[pos:end])
@@ -547,15 +552,15 @@ class Session:
             template = self._statement_caps.get(statement)
             portal = data[pos + 5 : portal_end]
             cap = template.fresh() if template is not None else None
-            if cap is not None and cap.counted:  # a prepared statement reused: quotas again
-                assert self.gate is not None
-                left = self.gate.quota_left()
-                if isinstance(left, PgWardenError):
-                    self.pipeline.queue.pop()  # the BindComplete will not be asked for
-                    self._note_internal(Refuse(left))
-                    return self._refuse_extended(left)
-                if left is not None:
-                    cap.requota(left)
+            # A prepared statement reused: membership, policy version and quotas again.
+            assert self.gate is not None
+            left = self.gate.check_bind(self._statement_policies.get(statement, ""))
+            if isinstance(left, PgWardenError):
+                self.pipeline.queue.pop()  # the BindComplete will not be asked for
+                self._note_internal(Refuse(left, audit=self._statement_audits.get(statement)))
+                return self._refuse_extended(left)
+            if cap is not None and cap.counted and left is not None:
+                cap.requota(left)
             cursor = self._statement_cursors.get(statement)
             if cursor is not None:  # DECLARE or FETCH through the extended protocol
                 cap = self._cursor_cap(cursor, cap)
@@ -595,6 +600,7 @@ class Session:
             self._prepared.discard(name.encode())
             self._statement_caps.pop(name.encode(), None)
             self._statement_cursors.pop(name.encode(), None)
+            self._statement_policies.pop(name.encode(), None)
             self._statement_audits.pop(name.encode(), None)
         else:
             self._portal_caps.pop(name.encode(), None)
@@ -890,39 +896,20 @@ class Session:
         return extra
 
     def _statement_event(self, stmt: _Statement) -> None:
-        audit = stmt.audit
         now = self.config.clock()
-        fields: dict[str, Any] = {
-            "fingerprint": audit.fingerprint if audit else "",
-            "kind": audit.kind if audit else "",
-            "tables": list(audit.tables) if audit else [],
-            "verdict": "allow",
-            "rows": stmt.rows,
-            "duration_ms": round((now - stmt.checked_from) * 1000, 3),
-            "upstream_ms": round((now - stmt.started) * 1000, 3),
-        }
+        fields = _statement_fields(stmt.audit, "allow")
+        fields["rows"] = stmt.rows
+        fields["duration_ms"] = round((now - stmt.checked_from) * 1000, 3)
+        fields["upstream_ms"] = round((now - stmt.started) * 1000, 3)
         if stmt.error:
             fields["error"] = stmt.error
         self.events.append(("statement", fields))
 
     def _refused_event(self, verdict: Refuse) -> None:
-        audit = verdict.audit
-        self.events.append(
-            (
-                "statement",
-                {
-                    "fingerprint": audit.fingerprint if audit else "",
-                    "kind": audit.kind if audit else "",
-                    "tables": list(audit.tables) if audit else [],
-                    "verdict": "refuse",
-                    "reason": verdict.error.message,
-                    "sqlstate": verdict.error.sqlstate,
-                    "rows": 0,
-                    "duration_ms": 0.0,
-                    "upstream_ms": 0.0,
-                },
-            )
-        )
+        fields = _statement_fields(verdict.audit, "refuse")
+        fields["reason"] = verdict.error.message
+        fields["sqlstate"] = verdict.error.sqlstate
+        self.events.append(("statement", fields))
 
     # --- closing -------------------------------------------------------------
 
@@ -992,6 +979,19 @@ class _Statement:
         self.checked_from = checked_from or started  # when pgwarden began to check it
         self.rows = 0
         self.error = ""
+
+
+def _statement_fields(audit: Audit | None, verdict: str) -> dict[str, Any]:
+    """The statement event's fields every statement has (counts zero until known)."""
+    return {
+        "fingerprint": audit.fingerprint if audit else "",
+        "kind": audit.kind if audit else "",
+        "tables": list(audit.tables) if audit else [],
+        "verdict": verdict,
+        "rows": 0,
+        "duration_ms": 0.0,
+        "upstream_ms": 0.0,
+    }
 
 
 def _sqlstate(data: bytes, pos: int, end: int) -> str:

@@ -55,6 +55,8 @@ from tlsutil import Pki
 from proxy.demo import shop_sql
 from proxy.pgserver import PgServer, bin_dir
 
+from .clients import AsyncRunner
+
 SUPPORT_USER = "sec_support"  # the attacks, as role support
 ANALYST_USER = "sec_analyst"  # the attacks, as role analyst
 EVERYDAY_USER = "sec_alice"  # everyday support work, as role support
@@ -213,6 +215,16 @@ def read_secrets(conn: psycopg.Connection[Any], columns: Iterable[str]) -> list[
 
 
 # --- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[AsyncRunner]:
+    """One event loop per module for the asyncpg sessions (clients.AsyncRunner)."""
+    loop = AsyncRunner()
+    try:
+        yield loop
+    finally:
+        loop.close()
 
 
 @pytest.fixture(scope="session")

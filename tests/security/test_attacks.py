@@ -45,20 +45,11 @@ POLICY_SQLSTATES = ("42501", "42601")  # refusals that must come before anything
 
 def _params(role: str) -> list[object]:
     return [
-        pytest.param(case, client, id=f"{case.param_id}-{client}")
+        pytest.param(role, case, client, id=f"{role}-{case.param_id}-{client}")
         for case in CASES
         for client in CLIENTS
         if case.expectation(role, client) is not None
     ]
-
-
-@pytest.fixture(scope="module")
-def runner() -> Iterator[AsyncRunner]:
-    loop = AsyncRunner()
-    try:
-        yield loop
-    finally:
-        loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +139,9 @@ def run_case(
         session.settle()
 
 
-@pytest.mark.parametrize(("case", "client"), _params("support"))
-def test_support(  # noqa: PLR0917 - pytest passes fixtures by name
+@pytest.mark.parametrize(("role", "case", "client"), _params("support") + _params("analyst"))
+def test_attack(  # noqa: PLR0917 - pytest passes fixtures by name
+    role: str,
     case: Case,
     client: str,
     pool: SessionPool,
@@ -159,31 +151,11 @@ def test_support(  # noqa: PLR0917 - pytest passes fixtures by name
 ) -> None:
     run_case(
         case=case,
-        role="support",
+        role=role,
         client=client,
         pool=pool,
         oracle=oracle,
-        forbidden=forbidden["support"],
-        values=shop_values,
-    )
-
-
-@pytest.mark.parametrize(("case", "client"), _params("analyst"))
-def test_analyst(  # noqa: PLR0917 - pytest passes fixtures by name
-    case: Case,
-    client: str,
-    pool: SessionPool,
-    oracle: SessionPool,
-    forbidden: dict[str, Forbidden],
-    shop_values: ShopValues,
-) -> None:
-    run_case(
-        case=case,
-        role="analyst",
-        client=client,
-        pool=pool,
-        oracle=oracle,
-        forbidden=forbidden["analyst"],
+        forbidden=forbidden[role],
         values=shop_values,
     )
 

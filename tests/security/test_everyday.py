@@ -77,15 +77,6 @@ def customers(shop_direct: psycopg.Connection[Any]) -> dict[int, Customer]:
 
 
 @pytest.fixture(scope="module")
-def runner() -> Iterator[AsyncRunner]:
-    loop = AsyncRunner()
-    try:
-        yield loop
-    finally:
-        loop.close()
-
-
-@pytest.fixture(scope="module")
 def sessions(sec_proxy: Proxy, runner: AsyncRunner) -> Iterator[SessionPool]:
     pool = SessionPool(
         {"agent": sec_proxy.dsn(EVERYDAY_USER, SEC_PASSWORDS[EVERYDAY_USER])}, runner
