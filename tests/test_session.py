@@ -78,7 +78,7 @@ class RefusingGate:
     def charge(self, rows: int) -> None:
         self.charged.append(rows)
 
-    def check_bind(self, prepared_under: str) -> int | PgWardenError | None:
+    def check_bind(self, prepared: object) -> int | PgWardenError | None:
         return self.bind_answer
 
 

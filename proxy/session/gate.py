@@ -50,6 +50,15 @@ def passthrough_audit(sql: str) -> Audit:
 
 
 @dataclass(frozen=True, slots=True)
+class Prepared:
+    """A restricted session's prepared statement: what was asked, and what was sent."""
+
+    policy_version: str
+    sql: str  # the client's text
+    sent: str | None  # the text pgwarden sent upstream (None: the client's)
+
+
+@dataclass(frozen=True, slots=True)
 class Allow:
     """Forward the statement; `sql` replaces the client's text when set."""
 
@@ -97,11 +106,12 @@ class Gate(Protocol):
         """Rows of a quota-counted statement were delivered (per statement or batch)."""
         ...
 
-    def check_bind(self, prepared_under: str) -> int | PgWardenError | None:
-        """At every Bind of a statement prepared under policy `prepared_under`.
+    def check_bind(self, prepared: Prepared | None) -> int | PgWardenError | None:
+        """At every Bind of a prepared statement (restricted sessions).
 
-        The refusal when the user left the role or the policy changed since the
-        statement was prepared; else the rows the quotas leave (None: no quota).
+        The refusal when the user left the role, or when the policy changed since
+        the Parse in a way that changes what this statement must be; else the rows
+        the quotas leave (None: no quota).
         """
         ...
 
@@ -124,7 +134,7 @@ class PassThroughGate:
     def charge(self, rows: int) -> None:
         return None
 
-    def check_bind(self, prepared_under: str) -> int | PgWardenError | None:
+    def check_bind(self, prepared: Prepared | None) -> int | PgWardenError | None:
         return None
 
 
@@ -220,14 +230,14 @@ class PolicyGate:
     def charge(self, rows: int) -> None:
         self._source.charge(self.principal.user, rows)
 
-    def check_bind(self, prepared_under: str) -> int | PgWardenError | None:
+    def check_bind(self, prepared: Prepared | None) -> int | PgWardenError | None:
         engine = self._source.engine
         if engine is None:
             return _NOT_READY.error
         role = self._role(engine)
         if role is None:
             return self._not_a_member()
-        if engine.policy.version_hash != prepared_under:
+        if prepared is None or not self._still_holds(engine, role, prepared):
             return PolicyRefusal(
                 "pgwarden: the policy changed since this statement was prepared; Bind refused",
                 hint="Prepare the statement again (reconnecting does it for most drivers).",
@@ -236,6 +246,14 @@ class PolicyGate:
             return None
         assert role.limits is not None
         return self._source.quota_left(self.principal.user, role.limits)
+
+    @staticmethod
+    def _still_holds(engine: Engine, role: Role, prepared: Prepared) -> bool:
+        """Prepared under this policy, or the current one makes the very same text."""
+        if prepared.policy_version == engine.policy.version_hash:
+            return True
+        again = engine.evaluate(role.name, prepared.sql, extended=True)
+        return again.allowed and again.sql == prepared.sent
 
     def _role(self, engine: Engine) -> Role | None:
         """The user's role under the current policy, if it is still the one of the login."""

@@ -45,7 +45,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.session import pipeline as pl
-from proxy.session.gate import Allow, Audit, Gate, Refuse, passthrough_audit
+from proxy.session.gate import Allow, Audit, Gate, Prepared, Refuse, passthrough_audit
 from proxy.session.pipeline import Pipeline
 from proxy.session.startup import filter_params
 from proxy.session.upstream import UpstreamLogin
@@ -178,7 +178,7 @@ class Session:
         self._portal_caps: dict[bytes, _RowCap | None] = {}  # portal name -> its running count
         self._cursor_caps: dict[str, _RowCap | None] = {}  # DECLAREd cursor -> its running count
         self._statement_cursors: dict[bytes, tuple[str, bool] | None] = {}
-        self._statement_policies: dict[bytes, str] = {}  # prepared name -> policy version
+        self._statement_policies: dict[bytes, Prepared] = {}  # prepared name -> its check
         self._drop_until_ready = False  # a statement over its cap was refused mid-stream
         self._inflight: deque[_Statement] = deque()  # Queries/Executes awaiting completion
         self._done = 0  # how many of pipeline.done have been turned into statement events
@@ -520,7 +520,9 @@ class Session:
             if self._guarded:
                 self._statement_caps[name] = _RowCap.of(verdict)
                 self._statement_cursors[name] = verdict.cursor
-                self._statement_policies[name] = verdict.policy_version
+                self._statement_policies[name] = Prepared(
+                    verdict.policy_version, query, verdict.sql
+                )
             if verdict.sql is None:
                 return True
             parse = fe.decode_parse(data[pos:end])
@@ -554,7 +556,7 @@ class Session:
             cap = template.fresh() if template is not None else None
             # A prepared statement reused: membership, policy version and quotas again.
             assert self.gate is not None
-            left = self.gate.check_bind(self._statement_policies.get(statement, ""))
+            left = self.gate.check_bind(self._statement_policies.get(statement))
             if isinstance(left, PgWardenError):
                 self.pipeline.queue.pop()  # the BindComplete will not be asked for
                 self._note_internal(Refuse(left, audit=self._statement_audits.get(statement)))
