@@ -36,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         policy=args.policy,
         workers=args.workers,
     )
-    return run(settings)
+    return run(settings, tuple(sys.argv[1:]))
 
 
 def _passwd(args: argparse.Namespace) -> int:

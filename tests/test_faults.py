@@ -874,12 +874,10 @@ def test_sigterm_cancels_what_outlives_the_shutdown_timeout(
     name = unique_name("faults-sigterm-slow")
     with raw(proxy) as client:
         assert client.login("dora", application_name=name)[-1][0] == be.READY_FOR_QUERY
-        client.send(fe.encode_query("SELECT pg_sleep(6)"))
+        client.send(fe.encode_query("SELECT pg_sleep(60)"))
         wait_until_running(pg, name, "SELECT pg_sleep")
-        started = time.monotonic()
         proxy.process.send_signal(signal.SIGTERM)
-        assert proxy.process.wait(timeout=10) == 0
-        assert time.monotonic() - started < 5
+        assert proxy.process.wait(timeout=30) == 0  # long before the statement would end
         closes_within(client, 5)
 
 

@@ -10,6 +10,7 @@ with its documented fields; and the events of the scenario must all be there.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -31,6 +32,7 @@ OPTIONAL = {
     "ledger.error": {"rows"},
     "upstream.error": {"during"},
     "conn.closed": {"reason"},
+    "worker.exited": {"exit_code", "signal"},  # one or the other
 }
 
 
@@ -75,17 +77,41 @@ def test_the_documented_events_are_the_ones_emitted(pgwarden: Launcher) -> None:
     proxy.process.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert proxy.stop() == 0
-
-    seen: dict[str, list[dict[str, Any]]] = {}
-    for line in proxy.log_lines():
-        record = json.loads(line)
-        assert {"ts", "level", "event"} <= set(record), record
-        seen.setdefault(record["event"], []).append(record)
     expected = {
         "startup", "schema.loaded", "conn.opened", "auth.ok", "auth.failed", "statement",
         "limit.exceeded", "quota.exhausted", "policy.rejected", "policy.loaded",
         "conn.closed", "shutdown",
     }  # fmt: skip
+    assert_documented(proxy, doc, expected)
+
+
+def test_the_supervisor_events_are_documented(pgwarden: Launcher) -> None:
+    proxy = pgwarden(workers=2)
+    deadline = time.monotonic() + 30
+    while not [e for e in proxy.events() if e.get("event") == "supervisor.started"]:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+    victim = next(e for e in proxy.events() if e.get("event") == "startup")
+    os.kill(victim["pid"], signal.SIGKILL)
+    while len([e for e in proxy.events() if e.get("event") == "startup"]) < 3:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
+    assert proxy.stop() == 0
+    expected = {"supervisor.started", "worker.started", "worker.exited", "supervisor.shutdown"}
+    assert_documented(proxy, documented(), expected)
+    workers = [e for e in proxy.events() if e["event"] in ("startup", "shutdown")]
+    assert all(isinstance(e["worker"], int) for e in workers)  # every worker line says whose
+
+
+def assert_documented(
+    proxy: Proxy, doc: dict[str, tuple[str, set[str]]], expected: set[str]
+) -> None:
+    """Every line is JSON; `expected` events occur; each event is documented and complete."""
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for line in proxy.log_lines():
+        record = json.loads(line)
+        assert {"ts", "level", "event"} <= set(record), record
+        seen.setdefault(record["event"], []).append(record)
     assert expected <= set(seen), expected - set(seen)
     for event, records in seen.items():
         assert event in doc, f"{event} is logged but not documented in docs/logging.md"

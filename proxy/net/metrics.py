@@ -13,6 +13,10 @@ Strategy:
   of the wrong type is skipped; an unknown event is ignored.
 * The registry is this object's own, not prometheus_client's global one, so
   several servers in one process (the tests) never share series.
+* With `--workers N`, the supervisor's Metrics answers the scrape: `remote`
+  fetches every worker's exposition and `merge_expositions` sums them series
+  by series (every pgwarden series is a counter, a gauge of a sum, or a
+  histogram, so the sum is the whole pgwarden's value).
 * The HTTP side is a tiny asyncio HTTP/1.1 server (GET only, one request per
   connection): the request head is read within `read_timeout_s` and at most
   `MAX_HEAD` bytes, anything else gets a 4xx and the connection is closed.
@@ -35,9 +39,13 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 CacheStats = Callable[[], tuple[int, int]]
 """Returns the verdict cache's (hits, misses) so far; called at scrape time."""
+
+RemoteExpositions = Callable[[], Awaitable[list[bytes]]]
+"""Returns the expositions of the processes this one answers for (the workers)."""
 
 HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, str]]]]
 """Returns (healthy, details), e.g. (False, {"upstream": "ok", "ledger": "unreachable"})."""
@@ -152,6 +160,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.cache_stats: CacheStats | None = None
         self.health: HealthCheck | None = None
+        self.remote: RemoteExpositions | None = None
         self._clients = 0
         self._define_series()
         self._stmt: dict[tuple[str, str], Any] = {}  # (verdict, role) -> counter child
@@ -300,8 +309,14 @@ class Metrics:
             child.observe(upstream_ms / 1000.0)
 
     def exposition(self) -> bytes:
-        """The text /metrics answers with."""
+        """This process's series, as text."""
         return bytes(generate_latest(self.registry))
+
+    async def scrape(self) -> bytes:
+        """The text /metrics answers with: this process's series, plus the workers' summed."""
+        if self.remote is None:
+            return self.exposition()
+        return merge_expositions([self.exposition(), *await self.remote()])
 
     # -- HTTP -------------------------------------------------------------------
 
@@ -346,7 +361,7 @@ class Metrics:
         if method != b"GET":
             return _response(405, _TEXT, b"only GET\n", extra=b"Allow: GET\r\n")
         if target == b"/metrics":
-            return _response(200, CONTENT_TYPE_LATEST, self.exposition())
+            return _response(200, CONTENT_TYPE_LATEST, await self.scrape())
         if target == b"/healthz":
             return await self._healthz()
         return _response(404, _TEXT, b"not found; try /metrics or /healthz\n")
@@ -369,6 +384,48 @@ class Metrics:
             return False, {"error": "health check timed out"}
         except Exception as exc:  # noqa: BLE001  # any failure of the check means unhealthy
             return False, {"error": f"health check failed: {type(exc).__name__}"}
+
+
+class _Merged:
+    """A collector yielding already-summed families (for generate_latest)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: list[bytes]) -> bytes:
+    """Sum the samples of several expositions, series by series (label set by label set).
+
+    `_created` timestamps are dropped: a sum of them means nothing, and they are
+    optional in the format. Families and samples keep their first-seen order, so
+    histogram buckets stay ascending.
+    """
+    families: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name.endswith("_created") and family.type == "gauge":
+                continue
+            entry = families.get(family.name)
+            if entry is None:
+                entry = families[family.name] = (
+                    Metric(family.name, family.documentation, family.type),
+                    {},
+                )
+            sums = entry[1]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                sums[key] = sums.get(key, 0.0) + sample.value
+    merged = []
+    for metric, sums in families.values():
+        for (name, labels), value in sums.items():
+            metric.add_sample(name, dict(labels), value)
+        merged.append(metric)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(merged))
+    return bytes(generate_latest(registry))
 
 
 async def _read_head(reader: asyncio.StreamReader) -> list[bytes] | None:

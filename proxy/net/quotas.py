@@ -13,7 +13,8 @@ Rules:
   roles and statements that read no classified table are unaffected.
 * Within one process, concurrent statements of a user each get at most what is
   left, so together they overshoot by at most one statement's cap each. Other
-  processes' charges are seen within REFRESH_S (re-read on use).
+  processes' charges are seen within REFRESH_S (re-read on use); the other
+  workers of one pgwarden relay theirs at once (`add_remote`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class QuotaBook:
         self._writer: asyncio.Task[None] | None = None
         self.available = False
         self.observe: Callable[[str, Mapping[str, Any]], None] | None = None  # metrics
+        self.relay: Callable[[str, int], None] | None = None  # to the other workers
 
     async def start(self) -> None:
         self._keep(asyncio.ensure_future(self._prune_forever()))
@@ -104,6 +106,16 @@ class QuotaBook:
         self._unwritten[user] = self._unwritten.get(user, 0) + rows
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write())
+        if self.relay is not None:
+            self.relay(user, rows)
+
+    def add_remote(self, user: str, rows: int) -> None:
+        """Another worker charged `user`: count it now (that worker writes the ledger)."""
+        entry = self._entries.get(user)
+        if entry is not None:
+            entry.usage = replace(
+                entry.usage, hour=entry.usage.hour + rows, day=entry.usage.day + rows
+            )
 
     async def _write(self) -> None:
         """Write what was charged here to the ledger; retry until it lands.

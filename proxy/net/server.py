@@ -39,6 +39,15 @@ from proxy.net.ledger import Ledger
 from proxy.net.metrics import Metrics
 from proxy.net.quotas import QuotaBook
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
+from proxy.net.workers import (
+    MAX_WORKERS,
+    Supervisor,
+    SupervisorLink,
+    key_pid,
+    worker_command,
+    worker_identity,
+    worker_of,
+)
 from proxy.policy import Policy, load_policy
 from proxy.policy.model import Limits, policy_changes
 from proxy.quota import LedgerUnavailable, has_quota
@@ -132,9 +141,10 @@ class Server:
 
     WATCH_S = 1.0  # how often the policy and users files are checked for changes
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, link: SupervisorLink | None = None) -> None:
         self.settings = settings
-        self.log = audit.get_logger()
+        self.link = link  # set when this process is one worker of several
+        self.log = audit.get_logger() if link is None else audit.get_logger(worker=link.index)
         self.users = load_users(settings.users_file)
         self.policy: Policy = load_policy(settings.policy)
         require_hash_key(settings, self.policy)
@@ -151,6 +161,8 @@ class Server:
         self.metrics.health = self.health
         self.quotas = QuotaBook(Ledger(settings), self.log)
         self.quotas.observe = self.metrics.observe
+        if link is not None:
+            self.quotas.relay = link.charge
         self.sources = GateSources(self.schema, self.quotas)
         self.client_ssl = client_ssl_context(settings)
         self.upstream_ssl = upstream_ssl_context(settings.upstream)
@@ -178,6 +190,9 @@ class Server:
         role = self.policy.role_of(user)
         if role is None:
             return None
+        principal = Principal(user, role.name, role.unrestricted)
+        if self.link is not None:  # counted over all workers, when connecting upstream
+            return gate_for(principal, self.sources)
         limit = self.settings.limits.max_connections_per_user
         if self.per_user.get(user, 0) >= limit:
             raise StartupRefused(
@@ -185,9 +200,11 @@ class Server:
                 sqlstate="53300",
             )
         self.per_user[user] = self.per_user.get(user, 0) + 1
-        return gate_for(Principal(user, role.name, role.unrestricted), self.sources)
+        return gate_for(principal, self.sources)
 
     def gate_closed(self, user: str) -> None:
+        if self.link is not None:
+            return
         left = self.per_user.get(user, 1) - 1
         if left > 0:
             self.per_user[user] = left
@@ -197,13 +214,17 @@ class Server:
     # --- keys and cancel -----------------------------------------------------
 
     def new_key(self, conn: ClientConnection) -> tuple[int, bytes]:
+        index = None if self.link is None else self.link.index
         while True:
-            pid = secrets.randbelow(0x7FFFFFFF) + 1
+            pid = key_pid(index)
             if pid not in self.connections:
                 self.connections[pid] = conn
                 return pid, secrets.token_bytes(4)
 
     def cancel(self, pid: int, secret: bytes) -> None:
+        if self.link is not None and worker_of(pid) != self.link.index:
+            self.link.forward_cancel(pid, secret)  # that worker's session, if any
+            return
         conn = self.connections.get(pid)
         if conn is None or not hmac.compare_digest(conn.session.key[1], secret):
             self.log.info("cancel.ignored")
@@ -245,14 +266,18 @@ class Server:
                 s.listen_host,
                 s.listen_port,
                 reuse_address=True,
+                reuse_port=self.link is not None,
                 backlog=1024,
             )
         except OSError as exc:
             raise ConfigError(
                 "listen", f"cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
             ) from None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop_signal)
+        loop.add_signal_handler(signal.SIGTERM, self._stop_signal)
+        if self.link is None:
+            loop.add_signal_handler(signal.SIGINT, self._stop_signal)
+        else:  # the supervisor turns a Ctrl-C into SIGTERM for every worker
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.log.info(
             "startup",
@@ -265,7 +290,9 @@ class Server:
         housekeeping = asyncio.ensure_future(self._housekeeping())
         watcher = asyncio.ensure_future(self._watch_files())
         metrics_server = None
-        if s.metrics_host is not None and s.metrics_port is not None:
+        if self.link is not None:
+            self.spawn(self._follow_supervisor(self.link))
+        elif s.metrics_host is not None and s.metrics_port is not None:
             try:
                 metrics_server = await self.metrics.serve(s.metrics_host, s.metrics_port)
             except OSError as exc:
@@ -281,6 +308,31 @@ class Server:
         watcher.cancel()
         keeper.cancel()
         return 0
+
+    async def _follow_supervisor(self, link: SupervisorLink) -> None:
+        """Answer the supervisor; drain and exit if it goes away."""
+        closed = await link.start(self._supervisor_asks)
+        link.ready()
+        await closed.wait()
+        if not self._stopping.is_set():
+            self.log.error("supervisor.lost")
+            self._stopping.set()
+
+    def _supervisor_asks(self, message: dict[str, Any]) -> Any:
+        op = message.get("op")
+        if op == "metrics":
+            return {"text": self.metrics.exposition().decode()}
+        if op == "health":
+            return self._health_answer()
+        if op == "cancel":
+            self.cancel(int(message["pid"]), bytes.fromhex(str(message["secret"])))
+        elif op == "charge":
+            self.quotas.add_remote(str(message["user"]), int(message["rows"]))
+        return None
+
+    async def _health_answer(self) -> dict[str, Any]:
+        ok, details = await self.health()
+        return {"ok": ok, "details": details}
 
     def _stop_signal(self) -> None:
         """SIGTERM/SIGINT: drain; a second one exits at once."""
@@ -384,6 +436,8 @@ class Server:
         for conn in list(self.connections.values()):
             conn.abort("shutdown timeout")
         await self.quotas.close(flush_s=5.0)  # charges reach the ledger before we exit
+        if self.link is not None:
+            self.link.close()
         await asyncio.sleep(0)
 
     async def _housekeeping(self) -> None:
@@ -412,6 +466,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_started = 0.0
         self.bytes_in = 0
         self.role = ""  # set at auth.ok, for the metrics
+        self.slot: str | None = None  # the user counted by the supervisor for this connection
         self.bytes_out = 0
         self.closed = False
 
@@ -553,6 +608,8 @@ class ClientConnection(asyncio.Protocol):
             role = server.policy.roles.get(gate.principal.role)
             if role is not None and has_quota(role.limits):
                 await server.quotas.load(gate.principal.user)
+        if gate is not None and server.link is not None and not await self._count_user(gate):
+            return
         try:
             transport = await open_upstream(
                 server.settings.upstream, server.upstream_ssl, lambda: UpstreamConnection(self)
@@ -567,6 +624,29 @@ class ClientConnection(asyncio.Protocol):
             return
         self.session.upstream_connected()
         self.drain()
+
+    async def _count_user(self, gate: Gate) -> bool:
+        """Workers: one more connection for this user, counted over every worker?"""
+        server = self.server
+        assert server.link is not None
+        user = gate.principal.user
+        limit = server.settings.limits.max_connections_per_user
+        allowed = await server.link.acquire(user, limit)
+        if self.closed:
+            if allowed:
+                server.link.release(user)
+            return False
+        if allowed:
+            self.slot = user
+            return True
+        self.session.login_refused(
+            StartupRefused(
+                f'pgwarden: too many connections for user "{user}" (limit {limit})',
+                sqlstate="53300",
+            )
+        )
+        self.drain()
+        return False
 
     # closing ----------------------------------------------------------------------
 
@@ -608,6 +688,8 @@ class ClientConnection(asyncio.Protocol):
         server.connections.pop(s.key[0], None)
         if s.gate is not None and s.user is not None:
             server.gate_closed(s.user)
+        if self.slot is not None and server.link is not None:
+            server.link.release(self.slot)
         if self.upstream is not None:
             self.upstream.close()
         if self.transport is not None:
@@ -669,20 +751,30 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
-def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code."""
+def run(settings: Settings, argv: tuple[str, ...] = ()) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code.
+
+    With workers > 1 this process becomes the supervisor and starts the workers
+    with `argv` (the serve arguments); a worker finds its index in its environment.
+    """
     audit.configure(settings.log_format, settings.log_level)
-    if settings.workers != 1:
-        raise ConfigError("workers", "more than one worker is not available in this version")
+    identity = worker_identity()
+    if settings.workers > MAX_WORKERS:
+        raise ConfigError("workers", f"at most {MAX_WORKERS} workers")
+    if settings.workers > 1 and identity is None:
+        if not argv:
+            raise ConfigError("workers", "several workers need the serve command line")
+        return asyncio.run(Supervisor(settings, worker_command(argv)).run())
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        return asyncio.run(_main(settings))
-    return uvloop.run(_main(settings))
+        return asyncio.run(_main(settings, identity))
+    return uvloop.run(_main(settings, identity))
 
 
-async def _main(settings: Settings) -> int:
-    server = Server(settings)
+async def _main(settings: Settings, identity: tuple[int, int] | None) -> int:
+    link = None if identity is None else SupervisorLink(*identity)
+    server = Server(settings, link)
     with suppress(asyncio.CancelledError):
         return await server.serve()
     return 0

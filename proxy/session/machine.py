@@ -247,6 +247,11 @@ class Session:
     def upstream_failed(self, detail: str) -> None:
         self._upstream_fatal(UpstreamUnavailable(detail))
 
+    def login_refused(self, error: PgWardenError) -> None:
+        """A check made while connecting upstream (connections per user) says no."""
+        self._expect(Phase.CONNECTING)
+        self._fatal(error)
+
     def timed_out(self, what: str) -> None:
         if what == "startup":
             self._fatal(ProtocolViolation("pgwarden: startup timed out; closing"))
