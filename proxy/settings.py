@@ -27,7 +27,7 @@ Keys beyond the product contract (PRODUCT.md, Configuration):
 * limits.max_message_bytes (16 MiB): the largest client message accepted.
 * limits.shutdown_timeout_s (30): on SIGTERM, how long running statements may
   finish before their sessions are cancelled.
-* workers (1): processes sharing the listening port.
+* workers (1, at most 64): processes sharing the listening port (docs/operations.md).
 
 The upstream password is taken from env PGWARDEN_UPSTREAM_PASSWORD, else the
 passfile, else the DSN itself (accepted, but discouraged: the config file then
@@ -468,10 +468,20 @@ def _policy(r: _Reader, override: str | None) -> Path:
     return r.value(("policy",), "policies/example.yaml", _existing_file(r.base))
 
 
+MAX_WORKERS = 64  # a BackendKeyData pid carries the worker's index in 7 bits
+
+
+def _worker_count(value: object) -> int:
+    count = _positive_int(value)
+    if count > MAX_WORKERS:
+        raise Invalid(f"must be at most {MAX_WORKERS}")
+    return count
+
+
 def _workers(r: _Reader, override: int | None) -> int:
     if override is not None:
-        return _from_cli("--workers", "workers", override, _positive_int)
-    return r.value(("workers",), 1, _positive_int)
+        return _from_cli("--workers", "workers", override, _worker_count)
+    return r.value(("workers",), 1, _worker_count)
 
 
 def _upstream(r: _Reader, override: str | None, environ: Mapping[str, str]) -> UpstreamSettings:

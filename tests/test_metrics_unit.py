@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.net.metrics import DURATION_BUCKETS, MAX_HEAD, Metrics
+from proxy.net.metrics import DURATION_BUCKETS, MAX_HEAD, Metrics, merge_expositions
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -463,3 +463,37 @@ def test_concurrent_scrapes_all_answer() -> None:
         assert {status for status, _, _ in results} == {200}
 
     with_server(Metrics(), body)
+
+
+def test_workers_expositions_sum_series_by_series() -> None:
+    first, second = Metrics(), Metrics()
+    for metrics, rows in ((first, 3), (second, 4)):
+        metrics.observe("conn.opened", {})
+        metrics.observe(
+            "statement", {"role": "support", "verdict": "allow", "rows": rows, "duration_ms": 2.0}
+        )
+    second.observe("statement", {"role": "dba", "verdict": "refuse"})
+    merged = merge_expositions([first.exposition(), second.exposition()]).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(merged)
+        for s in family.samples
+    }
+    assert samples[("pgwarden_connections_open", ())] == 2
+    assert samples[("pgwarden_rows_forwarded_total", (("role", "support"),))] == 7
+    assert samples[("pgwarden_statements_total", (("role", "dba"), ("verdict", "refuse")))] == 1
+    bucket = ("pgwarden_statement_duration_seconds_bucket", (("le", "0.0025"), ("role", "support")))
+    assert samples[bucket] == 2
+    assert not any(name.endswith("_created") for name, _ in samples)  # timestamps: no sum
+
+
+def test_a_supervisor_scrape_adds_its_workers() -> None:
+    supervisor, worker = Metrics(), Metrics()
+    worker.observe("conn.opened", {})
+
+    async def remote() -> list[bytes]:
+        return [worker.exposition(), worker.exposition()]
+
+    supervisor.remote = remote
+    text = asyncio.run(supervisor.scrape()).decode()
+    assert "pgwarden_connections_open 2.0" in text.splitlines()

@@ -172,6 +172,7 @@ def test_unknown_keys_and_shapes(tmp_path: Path, text: str, expected: str) -> No
         ("workers: 0", "1:10: workers: must be a positive integer"),
         ("workers: true", "1:10: workers: must be a positive integer"),
         ("workers: '2'", "1:10: workers: must be a positive integer"),
+        ("workers: 65", "1:10: workers: must be at most 64"),
         ("limits: {max_connections: -1}", "1:27: limits.max_connections: must be a positive"),
         ("limits: {idle_timeout_s: .inf}", "1:26: limits.idle_timeout_s: must be a positive"),
         ("limits: {startup_timeout_s: 0}", "1:29: limits.startup_timeout_s: must be a positive"),

@@ -200,6 +200,8 @@ def test_connections_per_user_are_counted_over_all_workers(
             with pytest.raises(psycopg.OperationalError, match="too many connections"):
                 _connect(proxy)
         assert second.execute("SELECT 2").fetchone() == (2,)
+    refused = _events(proxy, "conn.refused")
+    assert [(e["reason"], e["user"]) for e in refused] == [("max_connections_per_user", "dora")] * 6
     deadline = time.monotonic() + 10  # closing gives the slots back
     while True:
         try:

@@ -40,7 +40,6 @@ from proxy.net.metrics import Metrics
 from proxy.net.quotas import QuotaBook
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
 from proxy.net.workers import (
-    MAX_WORKERS,
     Supervisor,
     SupervisorLink,
     key_pid,
@@ -193,14 +192,20 @@ class Server:
         principal = Principal(user, role.name, role.unrestricted)
         if self.link is not None:  # counted over all workers, when connecting upstream
             return gate_for(principal, self.sources)
-        limit = self.settings.limits.max_connections_per_user
-        if self.per_user.get(user, 0) >= limit:
-            raise StartupRefused(
-                f'pgwarden: too many connections for user "{user}" (limit {limit})',
-                sqlstate="53300",
-            )
+        if self.per_user.get(user, 0) >= self.settings.limits.max_connections_per_user:
+            raise self.too_many_for(user, self.log)
         self.per_user[user] = self.per_user.get(user, 0) + 1
         return gate_for(principal, self.sources)
+
+    def too_many_for(self, user: str, log: Any) -> StartupRefused:
+        """max_connections_per_user reached: log and count it; the error for the client."""
+        limit = self.settings.limits.max_connections_per_user
+        log.warning("conn.refused", reason="max_connections_per_user", user=user)
+        self.metrics.observe("conn.refused", {"reason": "limit"})
+        return StartupRefused(
+            f'pgwarden: too many connections for user "{user}" (limit {limit})',
+            sqlstate="53300",
+        )
 
     def gate_closed(self, user: str) -> None:
         if self.link is not None:
@@ -338,6 +343,7 @@ class Server:
         """SIGTERM/SIGINT: drain; a second one exits at once."""
         if self._stopping.is_set():
             self.log.warning("shutdown.forced")
+            audit.flush()
             sys.stdout.flush()
             os._exit(1)
         self._stopping.set()
@@ -639,12 +645,7 @@ class ClientConnection(asyncio.Protocol):
         if allowed:
             self.slot = user
             return True
-        self.session.login_refused(
-            StartupRefused(
-                f'pgwarden: too many connections for user "{user}" (limit {limit})',
-                sqlstate="53300",
-            )
-        )
+        self.session.login_refused(server.too_many_for(user, self.log))
         self.drain()
         return False
 
@@ -759,8 +760,6 @@ def run(settings: Settings, argv: tuple[str, ...] = ()) -> int:
     """
     audit.configure(settings.log_format, settings.log_level)
     identity = worker_identity()
-    if settings.workers > MAX_WORKERS:
-        raise ConfigError("workers", f"at most {MAX_WORKERS} workers")
     if settings.workers > 1 and identity is None:
         if not argv:
             raise ConfigError("workers", "several workers need the serve command line")

@@ -55,7 +55,6 @@ from proxy.net.metrics import Metrics
 from proxy.settings import Settings
 
 WORKER_ENV = "PGWARDEN_WORKER"  # "INDEX:FD" in a worker's environment
-MAX_WORKERS = 64
 INDEX_SHIFT = 24  # a worker's pids are INDEX << 24 | 1 .. 2**24 - 1
 RESTART_MAX_S = 10.0
 LONG_LIFE_S = 10.0  # a worker that lived this long is restarted at once
