@@ -76,11 +76,12 @@ def test_a_transaction_stays_usable_after_a_refusal(proxy: Proxy) -> None:
 
 
 def test_the_extended_protocol_is_capped(proxy: Proxy) -> None:
-    async def run() -> tuple[int, int]:
+    async def run() -> tuple[int, int, str]:
         conn = await asyncpg.connect(proxy.dsn("alice", PASSWORDS["alice"]))
         try:
-            with pytest.raises(asyncpg.ProgramLimitExceededError):
+            with pytest.raises(asyncpg.ProgramLimitExceededError) as whole:
                 await conn.fetch("SELECT id FROM orders WHERE id > $1", 0)
+            assert whole.value.args[0].endswith("; no rows delivered")
             within = len(await conn.fetch("SELECT id FROM orders WHERE id <= $1", 50))
             seen: list[object] = []
 
@@ -89,15 +90,16 @@ def test_the_extended_protocol_is_capped(proxy: Proxy) -> None:
                     async for row in conn.cursor("SELECT id FROM orders", prefetch=7):
                         seen.append(row)  # noqa: PERF401 - rows seen before the error count
 
-            with pytest.raises(asyncpg.ProgramLimitExceededError):
+            with pytest.raises(asyncpg.ProgramLimitExceededError) as crossing:
                 await page_through()
-            return within, len(seen)
+            return within, len(seen), crossing.value.args[0]
         finally:
             await conn.close()
 
-    within, seen = asyncio.run(run())
+    within, seen, message = asyncio.run(run())
     assert within == CAP
     assert seen <= CAP  # a portal's batches are summed; the batch that crosses the cap fails
+    assert message.endswith(f"no rows of this batch delivered ({seen} before it)")
 
 
 def named_cursor_rows(proxy: Proxy) -> tuple[int, Exception | None]:
@@ -122,6 +124,7 @@ def test_a_cursor_is_capped_over_all_its_fetches(proxy: Proxy) -> None:
     got, refusal = named_cursor_rows(proxy)
     assert got == CAP  # five FETCHes of 10; the sixth would cross the cap
     assert refusal is not None
+    assert "no rows of this batch delivered (50 before it)" in str(refusal)
 
 
 def test_a_truncating_cursor_stops_at_the_cap(truncating: Proxy) -> None:

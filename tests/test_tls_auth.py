@@ -454,9 +454,13 @@ def test_formatting_parameters_accepted_through_asyncpg(proxy: Proxy) -> None:
         "DateStyle": "SQL, DMY",
         "TimeZone": "Asia/Tokyo",
         "extra_float_digits": "2",
+        "statement_timeout": "5s",
+        "lock_timeout": "2s",
+        "idle_in_transaction_session_timeout": "1min",
     }
     shown = asyncpg_login(proxy, "dora", settings=settings)
     assert shown == settings
+    assert asyncpg_login(proxy, "alice", settings=settings) == settings  # restricted too
 
 
 def test_formatting_parameters_accepted_through_libpq(

@@ -833,10 +833,11 @@ class Session:
     def _cap_end(self, cap: _RowCap, mtype: int, msg: bytes, simple: bool) -> bytes:
         """The bytes to send for a statement's (or batch's) last message."""
         held, cap.held = cap.held, []
-        over, batch, seen = cap.over, cap.batch, cap.rows
+        over, batch, seen, earlier = cap.over, cap.batch, cap.rows, cap.delivered
         cap.batch = 0
         if (simple or mtype != 115) and not cap.cumulative:  # a statement ended
             cap.rows = 0
+            cap.delivered = 0
             cap.over = False
         if mtype == 69:  # ErrorResponse: nothing of the statement is delivered
             self._charge(cap, batch)
@@ -844,6 +845,8 @@ class Session:
         if not over:
             self._deliver_rows(held)
             self._charge(cap, batch + len(held))
+            if cap.rows:  # the statement goes on (a portal or cursor batch)
+                cap.delivered += len(held)
             return msg
         self._charge(cap, batch)
         event = "quota.exhausted" if cap.by_quota else "limit.exceeded"
@@ -853,7 +856,8 @@ class Session:
             self._drop_until_ready = True  # the rest of this reply is dropped
             if self._inflight:
                 self._inflight[0].error = "53400" if cap.by_quota else "54000"
-            return _error(_over_quota(cap.limit) if cap.by_quota else _over_cap(cap.limit))
+            refusal = _over_quota(cap.limit) if cap.by_quota else _over_cap(cap.limit)
+            return _error(_delivered_before(refusal, earlier))
         notice = be.error_response(
             "NOTICE",
             "01000",
@@ -1023,6 +1027,7 @@ class _RowCap:
         "by_quota",
         "counted",
         "cumulative",
+        "delivered",
         "held",
         "limit",
         "over",
@@ -1049,6 +1054,7 @@ class _RowCap:
         self.by_quota = by_quota  # the limit is what is left of a quota, not rows_per_query
         self.rows = 0  # rows the server sent for the statement (or portal) so far
         self.batch = 0  # rows delivered since the last completion message (truncate)
+        self.delivered = 0  # rows of earlier batches (portal, cursor) already delivered
         self.held: list[bytes] = []
         self.over = False
 
@@ -1093,6 +1099,15 @@ class _RowCap:
     @property
     def mode(self) -> str:
         return "truncate" if self.truncate else "reject"
+
+
+def _delivered_before(error: PgWardenError, earlier: int) -> PgWardenError:
+    """Name the rows of earlier batches (portal, cursor) that the client already has."""
+    if earlier:
+        error.message = error.message.replace(
+            "no rows delivered", f"no rows of this batch delivered ({earlier} before it)"
+        )
+    return error
 
 
 def _over_cap(limit: int) -> PgWardenError:

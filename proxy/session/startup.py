@@ -23,11 +23,16 @@ KEPT = {
     "timezone": "TimeZone",
     "extra_float_digits": "extra_float_digits",
     "intervalstyle": "IntervalStyle",
+    # timeouts a client may also SET (node-postgres sends statement_timeout here)
+    "statement_timeout": "statement_timeout",
+    "lock_timeout": "lock_timeout",
+    "idle_in_transaction_session_timeout": "idle_in_transaction_session_timeout",
 }
 _UTF8_NAMES = frozenset({"utf8", "utf-8", "unicode", "sql_ascii"})
 HINT = (
     "pgwarden accepts the startup parameters user, database, application_name, "
-    "client_encoding (UTF8), DateStyle, TimeZone, extra_float_digits and IntervalStyle."
+    "client_encoding (UTF8), DateStyle, TimeZone, extra_float_digits, IntervalStyle, "
+    "statement_timeout, lock_timeout and idle_in_transaction_session_timeout."
 )
 
 
