@@ -265,3 +265,33 @@ def test_metrics_and_health_answer_for_all_workers(pgwarden: Callable[..., Proxy
     status, body = _scrape(proxy, "/healthz")
     assert status == 200, body
     assert '"workers": "3/3"' in body
+
+
+def _sleep_quietly(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error):
+        conn.execute("SELECT pg_sleep(30)")
+
+
+def test_a_ctrl_c_to_the_whole_group_drains_once(pgwarden: Callable[..., Proxy]) -> None:
+    proxy = _start(pgwarden)
+    pids = [e["pid"] for e in _wait_for(proxy, "startup", WORKERS)]
+    os.killpg(proxy.process.pid, signal.SIGINT)  # what a terminal does: every process gets it
+    assert proxy.process.wait(timeout=30) == 0
+    _wait_gone(pids)
+    assert not _events(proxy, "shutdown.forced")
+
+
+def test_a_second_sigterm_forces_the_exit(pgwarden: Callable[..., Proxy]) -> None:
+    proxy = _start(pgwarden)
+    pids = [e["pid"] for e in _wait_for(proxy, "startup", WORKERS)]
+    with _connect(proxy) as busy:
+        running = threading.Thread(target=_sleep_quietly, args=(busy,))
+        running.start()
+        time.sleep(0.5)
+        proxy.process.send_signal(signal.SIGTERM)
+        _wait_for(proxy, "shutdown", WORKERS)  # draining: the busy session holds its worker
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=30) == 1
+        running.join()
+    _wait_gone(pids)
+    assert _events(proxy, "shutdown.forced")
