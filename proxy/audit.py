@@ -14,7 +14,8 @@ and a write of at most PIPE_BUF bytes is atomic on a pipe, so the lines of
 several workers sharing one stdout never interleave mid-line. What this gives
 up: a process killed with SIGKILL loses the lines of its last loop iteration
 (microseconds of work); every exit path pgwarden controls flushes (`flush`).
-Outside an event loop (the CLI) each line is written at once.
+Until the server hands its loop's call_soon to `batch_on` (and after
+`batch_off`), each line is written at once: the CLI, and the tests.
 
 Rule: nothing that came from the data goes into an event: no SQL literal, no
 parameter, no result value, no password. Callers pass identifiers, counts and
@@ -23,12 +24,12 @@ SQLSTATEs only.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
 import select
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,11 +93,12 @@ _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 class _Lines:
     """The JSON log's output: lines collected during one loop iteration, then written."""
 
-    __slots__ = ("_lines", "_scheduled")
+    __slots__ = ("_lines", "_scheduled", "call_soon")
 
     def __init__(self) -> None:
         self._lines: list[bytes] = []
         self._scheduled = False
+        self.call_soon: Callable[[Callable[[], None]], object] | None = None
 
     def factory(self, *_args: Any) -> _Lines:
         return self
@@ -105,13 +107,11 @@ class _Lines:
         self._lines.append(message + b"\n")
         if self._scheduled:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (the CLI, or a loop that has ended): now
+        if self.call_soon is None:
             self.flush()
             return
         self._scheduled = True
-        loop.call_soon(self.flush)
+        self.call_soon(self.flush)
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
@@ -137,6 +137,17 @@ class _Lines:
 _lines = _Lines()
 flush = _lines.flush
 atexit.register(flush)
+
+
+def batch_on(call_soon: Callable[[Callable[[], None]], object]) -> None:
+    """Batch log writes per iteration of the loop whose call_soon this is."""
+    _lines.call_soon = call_soon
+
+
+def batch_off() -> None:
+    """Write lines at once again (the loop is ending); what is pending goes now."""
+    _lines.call_soon = None
+    flush()
 
 
 def get_logger(**context: Any) -> Any:

@@ -54,6 +54,9 @@ class QuotaBook:
         self._unwritten: dict[str, int] = {}  # rows charged here, not yet in the ledger
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
+        # A read and a write of the ledger never overlap: a read then sees either all of a
+        # batch (written, no longer in _unwritten) or none of it (still in _unwritten).
+        self._io = asyncio.Lock()
         self.available = False
         self.observe: Callable[[str, Mapping[str, Any]], None] | None = None  # metrics
         self.relay: Callable[[str, int], None] | None = None  # to the other workers
@@ -72,7 +75,9 @@ class QuotaBook:
     async def load(self, user: str) -> None:
         """Read `user`'s usage (at login, and when it has grown stale)."""
         try:
-            usage = await self.ledger.usage(user)
+            async with self._io:
+                usage = await self.ledger.usage(user)
+                pending = self._unwritten.get(user, 0)
         except LedgerUnavailable as exc:
             failure = exc.reason
         else:
@@ -84,7 +89,6 @@ class QuotaBook:
             self._ledger_error(error=failure, during="read")
             return
         self.available = True
-        pending = self._unwritten.get(user, 0)
         usage = replace(usage, hour=usage.hour + pending, day=usage.day + pending)
         self._entries[user] = _Entry(usage, time.monotonic())
 
@@ -126,22 +130,22 @@ class QuotaBook:
         while self._unwritten:
             await asyncio.sleep(self.BATCH_S)
             user, rows = next(iter(self._unwritten.items()))
-            try:
-                await self.ledger.charge(user, rows)
-            except LedgerUnavailable as exc:
-                failure = exc.reason
-            else:
-                failure = ""
+            async with self._io:
+                try:
+                    await self.ledger.charge(user, rows)
+                except LedgerUnavailable as exc:
+                    failure = exc.reason
+                else:
+                    failure = ""
+                    left = self._unwritten.get(user, 0) - rows
+                    if left > 0:
+                        self._unwritten[user] = left
+                    else:
+                        self._unwritten.pop(user, None)
             if failure:
                 self.available = False
                 self._ledger_error(error=failure, during="charge", rows=rows)
                 await asyncio.sleep(self.RETRY_S)
-                continue
-            left = self._unwritten.get(user, 0) - rows
-            if left > 0:
-                self._unwritten[user] = left
-            else:
-                self._unwritten.pop(user, None)
 
     async def close(self, flush_s: float) -> None:
         """Flush unwritten charges (for at most `flush_s`), then close the ledger."""

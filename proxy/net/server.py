@@ -278,6 +278,7 @@ class Server:
             raise ConfigError(
                 "listen", f"cannot listen on {s.listen_host}:{s.listen_port}: {exc.strerror}"
             ) from None
+        audit.batch_on(loop.call_soon)
         loop.add_signal_handler(signal.SIGTERM, self._stop_signal)
         if self.link is None:
             loop.add_signal_handler(signal.SIGINT, self._stop_signal)
@@ -445,6 +446,7 @@ class Server:
         if self.link is not None:
             self.link.close()
         await asyncio.sleep(0)
+        audit.batch_off()
 
     async def _housekeeping(self) -> None:
         limits = self.settings.limits

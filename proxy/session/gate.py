@@ -106,12 +106,13 @@ class Gate(Protocol):
         """Rows of a quota-counted statement were delivered (per statement or batch)."""
         ...
 
-    def check_bind(self, prepared: Prepared | None) -> int | PgWardenError | None:
+    def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
         """At every Bind of a prepared statement (restricted sessions).
 
         The refusal when the user left the role, or when the policy changed since
-        the Parse in a way that changes what this statement must be; else the rows
-        the quotas leave (None: no quota).
+        the Parse in a way that changes what this statement must be; else, for a
+        statement whose rows count against the quotas (`counted`), the rows the
+        quotas leave (None: no quota, or not counted).
         """
         ...
 
@@ -134,7 +135,7 @@ class PassThroughGate:
     def charge(self, rows: int) -> None:
         return None
 
-    def check_bind(self, prepared: Prepared | None) -> int | PgWardenError | None:
+    def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
         return None
 
 
@@ -230,7 +231,7 @@ class PolicyGate:
     def charge(self, rows: int) -> None:
         self._source.charge(self.principal.user, rows)
 
-    def check_bind(self, prepared: Prepared | None) -> int | PgWardenError | None:
+    def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
         engine = self._source.engine
         if engine is None:
             return _NOT_READY.error
@@ -242,8 +243,8 @@ class PolicyGate:
                 "pgwarden: the policy changed since this statement was prepared; Bind refused",
                 hint="Prepare the statement again (reconnecting does it for most drivers).",
             )
-        if not has_quota(role.limits):
-            return None
+        if not counted or not has_quota(role.limits):
+            return None  # a statement that reads no classified table is never held back
         assert role.limits is not None
         return self._source.quota_left(self.principal.user, role.limits)
 

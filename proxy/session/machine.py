@@ -561,12 +561,13 @@ class Session:
             cap = template.fresh() if template is not None else None
             # A prepared statement reused: membership, policy version and quotas again.
             assert self.gate is not None
-            left = self.gate.check_bind(self._statement_policies.get(statement))
+            counted = cap is not None and cap.counted
+            left = self.gate.check_bind(self._statement_policies.get(statement), counted=counted)
             if isinstance(left, PgWardenError):
                 self.pipeline.queue.pop()  # the BindComplete will not be asked for
                 self._note_internal(Refuse(left, audit=self._statement_audits.get(statement)))
                 return self._refuse_extended(left)
-            if cap is not None and cap.counted and left is not None:
+            if cap is not None and counted and left is not None:
                 cap.requota(left)
             cursor = self._statement_cursors.get(statement)
             if cursor is not None:  # DECLARE or FETCH through the extended protocol
