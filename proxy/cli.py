@@ -391,11 +391,7 @@ def _parser() -> argparse.ArgumentParser:
     pw.add_argument("user")
     pw.set_defaults(func=_passwd)
 
-    d = sub.add_parser("demo", help="throwaway PostgreSQL with the shop database + pgwarden")
-    d.add_argument("--state", default="state/demo", help="folder for the demo's data")
-    d.add_argument("--fresh", action="store_true", help="rebuild the demo database")
-    d.add_argument("--listen", default="127.0.0.1:6432")
-    d.set_defaults(func=_demo)
+    _demo_parser(sub.add_parser("demo", help="the shop database in PostgreSQL + pgwarden"))
 
     c = sub.add_parser("check", help="validate a policy file")
     c.add_argument("policy", help="POLICY.yaml")
@@ -439,6 +435,20 @@ def _parser() -> argparse.ArgumentParser:
     qr.add_argument("-c", "--config", required=True, help="pgwarden.yaml")
     qr.set_defaults(func=_quota_reset)
     return p
+
+
+def _demo_parser(d: argparse.ArgumentParser) -> None:
+    d.add_argument("--state", default="state/demo", help="folder for the demo's data")
+    d.add_argument("--fresh", action="store_true", help="rebuild the demo database")
+    d.add_argument("--listen", default="127.0.0.1:6432")
+    d.add_argument(
+        "--scenario",
+        choices=["insider"],
+        help="play a scripted scenario against the demo database and exit",
+    )
+    d.add_argument("--json", action="store_true", help="with --scenario: print one JSON object")
+    d.add_argument("--customers", type=int, help=argparse.SUPPRESS)  # smaller data for tests
+    d.set_defaults(func=_demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
