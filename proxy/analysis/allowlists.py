@@ -8,7 +8,10 @@ Rules:
 * SAFE_FUNCTIONS holds built-ins that compute on their arguments only: no file,
   network, large-object, dynamic-SQL, settings-changing, sleeping, locking or
   statistics function, and nothing that reads a table by name (query_to_xml,
-  table_to_xml, ...). Catalog introspection functions that psql, pgAdmin, DBeaver
+  table_to_xml, ...). pg_advisory_unlock_all() only releases the session's own
+  advisory locks (asyncpg's pool calls it on every release). set_config is
+  refused except for a SAFE_SETTINGS name written as a literal (verify.py): the
+  same change SET may make. Catalog introspection functions that psql, pgAdmin, DBeaver
   and JDBC metadata queries call are included: they describe objects, not data.
 * CATALOG_RELATIONS are the catalog tables and views those tools read; anything
   else in pg_catalog or information_schema (pg_stats, pg_statistic,
@@ -73,7 +76,7 @@ pg_backend_pid pg_postmaster_start_time pg_conf_load_time txid_current
 pg_current_xact_id pg_current_xact_id_if_assigned pg_is_in_recovery
 bool int4range int8range numrange tsrange tstzrange daterange lower_inf upper_inf
 isempty range_merge host masklen network family abbrev broadcast netmask hostmask
-current_setting
+current_setting getdatabaseencoding pg_client_encoding pg_advisory_unlock_all
 """
 _INTROSPECTION = """
 format_type pg_get_expr pg_get_indexdef pg_get_constraintdef pg_get_viewdef
@@ -102,12 +105,18 @@ to_regclass to_regtype to_regproc to_regprocedure to_regnamespace to_regrole
 to_regoper to_regoperator to_regcollation to_regtypemod pg_relation_is_publishable
 pg_get_replica_identity_index pg_partition_root pg_partition_ancestors
 pg_partition_tree pg_sequence_parameters pg_settings_get_flags pg_input_is_valid
+pg_available_extensions pg_available_extension_versions
 pg_column_compression pg_column_toast_chunk_id
 """
 
 SAFE_FUNCTIONS: frozenset[str] = frozenset(
     (_STRING + _NUMERIC + _TIME + _AGGREGATE + _ARRAY_JSON + _MISC + _INTROSPECTION).split()
 )
+
+# Helpers PostgreSQL defines in information_schema (SQL functions over their arguments
+# only), callable schema-qualified: pgjdbc's getPrimaryKeys and getIndexInfo expand
+# pg_index.indkey with _pg_expandarray (an unnest with ordinality).
+SAFE_INFORMATION_SCHEMA_FUNCTIONS: frozenset[str] = frozenset(["_pg_expandarray"])
 
 # Functions with a reason to refuse, for a precise error message (all others not in
 # SAFE_FUNCTIONS are refused as "not on the allowlist").

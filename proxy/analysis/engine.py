@@ -43,7 +43,7 @@ from proxy.analysis.masks import quote_ident
 from proxy.analysis.rewrite import Rewriter
 from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView
-from proxy.analysis.verify import Verifier, deparse, walk
+from proxy.analysis.verify import Verifier, deparse, reads_catalog_only, walk
 from proxy.policy.model import Policy, StatementKind
 
 PgNode = Any  # pglast's node classes are loosely typed
@@ -63,8 +63,9 @@ _SESSION = (
     ast.ClosePortalStmt,
     ast.FetchStmt,
     ast.DiscardStmt,
+    ast.UnlistenStmt,  # only stops notifications (asyncpg's pool sends UNLISTEN * on release)
 )
-_UTILITY = (ast.ListenStmt, ast.UnlistenStmt, ast.NotifyStmt)
+_UTILITY = (ast.ListenStmt, ast.NotifyStmt)
 _TWO_PHASE = (
     TransactionStmtKind.TRANS_STMT_PREPARE,
     TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
@@ -106,6 +107,8 @@ class _Facts:
     cursor_rows: bool = False  # FETCH: rows of a cursor whose query is not known here
     cursors: list[tuple[str, bool]] = field(default_factory=list)  # (name, declared here)
     single: bool = True  # the client's text holds one statement
+    # per query: it reads catalog relations only (no row cap: they describe objects, not data)
+    catalog: list[bool] = field(default_factory=list)
 
 
 class Engine:
@@ -196,7 +199,7 @@ class Engine:
             masked=tuple(sorted(facts.masked)),
             lookups=facts.lookups,
             reasons=tuple(reasons) or ("every table and column is visible to the role",),
-            cap=view.rows_per_query,
+            cap=None if _catalog_only(facts) else view.rows_per_query,
             truncate=view.truncates,
             classified=facts.cursor_rows or any(t in self.policy.classify for t in facts.tables),
             cursor=facts.cursors[0] if len(facts.kinds) == 1 and facts.cursors else None,
@@ -267,7 +270,7 @@ class Engine:
             raise Refusal(
                 "pgwarden: SELECT INTO and FOR UPDATE/SHARE are refused for restricted roles"
             )
-        canonical = deparse(stmt)
+        canonical = deparse(_qualified_array_types(stmt))
         try:
             tree: exp.Expr = sqlglot.parse_one(
                 canonical, read="postgres", error_level=ErrorLevel.RAISE
@@ -278,7 +281,8 @@ class Engine:
             raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601")
         rewriter = Rewriter(role, self.snapshot)
         rewritten: exp.Expr = rewriter.run(cast("exp.Expression", tree))
-        if limit is not None and isinstance(rewritten, exp.Query):
+        catalog = bool(rewriter.outcome.tables) and not rewriter.outcome.data
+        if limit is not None and isinstance(rewritten, exp.Query) and not catalog:
             rewritten = _capped(rewritten, limit)
         facts.tables |= rewriter.outcome.tables
         facts.masked |= rewriter.outcome.protected
@@ -289,7 +293,10 @@ class Engine:
             )
         except SqlglotError as error:
             raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601") from error
-        Verifier(role, self.snapshot).check_text(text, type(stmt))
+        checked = Verifier(role, self.snapshot).check_text(text, type(stmt))
+        # both analyses must agree; else the cap holds (and no LIMIT was added only if
+        # sqlglot saw catalog relations alone, so an uncapped statement is never cut short)
+        facts.catalog.append(catalog and reads_catalog_only(checked))
         return text
 
     def _copy(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:
@@ -328,6 +335,42 @@ class Engine:
 
 
 _PARSE_MESSAGE = "pgwarden: statement could not be parsed; refused"
+# Built-in types sqlglot cannot read as arrays unqualified (`$1::oid[]`, asyncpg's type
+# introspection) but reads as pg_catalog.oid[].
+_ARRAY_TYPES_TO_QUALIFY = frozenset(
+    [
+        "oid",
+        "regproc",
+        "regprocedure",
+        "regoper",
+        "regoperator",
+        "regclass",
+        "regcollation",
+        "regtype",
+        "regrole",
+        "regnamespace",
+        "regconfig",
+        "regdictionary",
+        "cstring",
+    ]
+)
+
+
+def _qualified_array_types(stmt: PgNode) -> PgNode:
+    """stmt with `oid[]` (and the other names above) written `pg_catalog.oid[]`.
+
+    The same type: pg_catalog is searched first unless search_path names it later,
+    and restricted roles cannot change search_path. The verifier checks the result.
+    """
+    for node, _ in walk(stmt):
+        if not isinstance(node, ast.TypeName) or not node.arrayBounds:
+            continue
+        names = node.names or ()
+        if len(names) == 1 and names[0].sval in _ARRAY_TYPES_TO_QUALIFY:
+            node.names = (ast.String(sval="pg_catalog"), names[0])
+    return stmt
+
+
 _KIND_WORDS: Mapping[str, str] = {
     "copy_out": "COPY ... TO",
     "copy_in": "COPY ... FROM",
@@ -337,6 +380,16 @@ _KIND_WORDS: Mapping[str, str] = {
 
 def _listing(items: Iterable[str]) -> str:
     return ", ".join(sorted(items)) or "none"
+
+
+def _catalog_only(facts: _Facts) -> bool:
+    """Every statement is a query of catalog relations only: its rows describe objects.
+
+    Such rows hold no customer data (leaky catalog relations are refused), so the row
+    cap, meant for data, would only break client tools (pgjdbc's getTypeInfo, DBeaver's
+    navigator). A FETCH is capped: its cursor's query is not known here.
+    """
+    return bool(facts.catalog) and all(facts.catalog) and not facts.cursor_rows
 
 
 def _one_more(cap: int | None) -> int | None:

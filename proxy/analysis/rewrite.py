@@ -75,6 +75,7 @@ class Outcome:
     tables: set[str] = field(default_factory=set)
     protected: set[str] = field(default_factory=set)  # tables read through a mask
     lookups: int = 0
+    data: bool = False  # reads a relation outside the catalog schemas (user data)
 
 
 _SCOPES = (exp.Select, exp.Update, exp.Delete)
@@ -139,6 +140,7 @@ class Rewriter:
             )
         self.role.authorise(relation)
         self.outcome.tables.add(relation.qualified)
+        self.outcome.data = self.outcome.data or relation.schema not in CATALOG_SCHEMAS
         table.set("db", exp.to_identifier(relation.schema))
         view = self.role.visibility(relation)
         alias = ident_name(table.args["alias"].this) if table.alias else relation.name

@@ -24,8 +24,13 @@ from pglast import ast, parse_sql, prettify
 from pglast.enums import A_Expr_Kind, BoolExprType
 from pglast.stream import RawStream
 
-from proxy.analysis.allowlists import DANGEROUS_FUNCTIONS, SAFE_FUNCTIONS
-from proxy.analysis.catalog import Snapshot
+from proxy.analysis.allowlists import (
+    DANGEROUS_FUNCTIONS,
+    SAFE_FUNCTIONS,
+    SAFE_INFORMATION_SCHEMA_FUNCTIONS,
+    SAFE_SETTINGS,
+)
+from proxy.analysis.catalog import CATALOG_SCHEMAS, Snapshot
 from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView, Visibility
 
@@ -114,8 +119,8 @@ class Verifier:
         self.role = role
         self.snapshot = snapshot
 
-    def check_text(self, sql: str, kind: type | None = None) -> None:
-        """Check `sql`; with `kind`, it must also be that statement type (SelectStmt, ...)."""
+    def check_text(self, sql: str, kind: type | None = None) -> PgNode:
+        """Check `sql` and return its parse; with `kind`, it must be that statement type."""
         statements = parse_sql(sql)
         if len(statements) != 1:
             raise _broken("the rewritten statement did not parse as one statement")
@@ -123,6 +128,7 @@ class Verifier:
         if kind is not None and type(stmt) is not kind:
             raise _broken(f"the rewrite turned a {kind.__name__} into a {type(stmt).__name__}")
         self.check(stmt)
+        return stmt
 
     def check(self, stmt: PgNode) -> None:
         ctes = {str(n.ctename) for n, _ in walk(stmt) if isinstance(n, ast.CommonTableExpr)}
@@ -287,6 +293,19 @@ _AND_OR = (BoolExprType.AND_EXPR, BoolExprType.OR_EXPR)
 _LOOKUP_KINDS = (A_Expr_Kind.AEXPR_OP, A_Expr_Kind.AEXPR_IN, A_Expr_Kind.AEXPR_OP_ANY)
 
 
+def reads_catalog_only(stmt: PgNode) -> bool:
+    """A checked SELECT that reads relations, all of them in pg_catalog or information_schema.
+
+    Unqualified names in a checked statement are WITH queries (check refuses others).
+    """
+    if not isinstance(stmt, ast.SelectStmt):
+        return False
+    schemas = [
+        str(n.schemaname) for n, _ in walk(stmt) if isinstance(n, ast.RangeVar) and n.schemaname
+    ]
+    return bool(schemas) and all(schema in CATALOG_SCHEMAS for schema in schemas)
+
+
 def check_function(node: PgNode, shadowed: frozenset[str] = frozenset()) -> None:
     """Refuse a call to anything but an allowlisted built-in.
 
@@ -299,8 +318,14 @@ def check_function(node: PgNode, shadowed: frozenset[str] = frozenset()) -> None
     qualified_ok = (len(names) == 1 and name not in shadowed) or (
         len(names) == 2 and names[0] == "pg_catalog"
     )
-    if qualified_ok and name in SAFE_FUNCTIONS:
+    if qualified_ok and (name in SAFE_FUNCTIONS or _safe_set_config(name, node)):
         return
+    if (
+        len(names) == 2
+        and names[0] == "information_schema"
+        and names[1] in SAFE_INFORMATION_SCHEMA_FUNCTIONS
+    ):
+        return  # schema-qualified: no user schema can shadow it
     if len(names) == 1 and name in shadowed and name in SAFE_FUNCTIONS:
         raise Refusal(
             f"pgwarden: function {name}() is also defined in a user schema; refused",
@@ -313,6 +338,32 @@ def check_function(node: PgNode, shadowed: frozenset[str] = frozenset()) -> None
         "Built-in string, number, date, aggregate, JSON and catalog functions are allowed; "
         "see docs/policy.md for the list.",
     )
+
+
+def _safe_set_config(name: str, node: PgNode) -> bool:
+    """set_config('jit', $1, false): a setting SET may change, named by a literal.
+
+    asyncpg turns jit off around its type introspection this way. The name must be
+    a string constant on SAFE_SETTINGS and the other arguments constants or
+    parameters, so the call does exactly what an allowed SET would.
+    """
+    args = list(node.args or ())
+    if name != "set_config" or len(args) != 3 or not all(map(_literal_or_param, args)):
+        return False
+    first = _uncast(args[0])
+    value = first.val.sval if isinstance(first.val, ast.String) else None
+    return isinstance(value, str) and value.lower() in SAFE_SETTINGS
+
+
+def _uncast(node: PgNode) -> PgNode:
+    while isinstance(node, ast.TypeCast):
+        node = node.arg
+    return node
+
+
+def _literal_or_param(node: PgNode) -> bool:
+    node = _uncast(node)
+    return (isinstance(node, ast.A_Const) and not node.isnull) or isinstance(node, ast.ParamRef)
 
 
 def _construct(node_type: str) -> str:
