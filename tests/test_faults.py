@@ -636,9 +636,11 @@ def test_function_call_refused_and_session_continues(proxy: Proxy) -> None:
         client.send(fe.encode_query("BEGIN"))
         client.until_ready()
         client.send(function_call(oid, b"x"))
-        assert client.until_ready()[-1] == be.ready_for_query(b"T")  # transaction untouched
+        assert client.until_ready()[-1] == be.ready_for_query(b"E")  # failed, as for any error
+        client.send(fe.encode_query("SELECT 1"))
+        assert [e["C"] for e in error_fields(client.until_ready())] == ["25P02"]
+        client.query("ROLLBACK")
         assert rows(client.query("SELECT 1")) == 1
-        client.query("COMMIT")
 
 
 # --- garbage -----------------------------------------------------------------------------

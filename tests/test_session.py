@@ -21,6 +21,7 @@ from proxy.auth import make_secret, parse_secret
 from proxy.errors import PgWardenError, PolicyRefusal
 from proxy.session.gate import ALLOW, Allow, Gate, PassThroughGate, Principal, Refuse, Verdict
 from proxy.session.machine import (
+    ABORT_PARSE,
     Cancel,
     Close,
     ConnectUpstream,
@@ -78,7 +79,7 @@ class RefusingGate:
     def charge(self, rows: int) -> None:
         self.charged.append(rows)
 
-    def check_bind(self, prepared: object) -> int | PgWardenError | None:
+    def check_bind(self, prepared: object, *, counted: bool) -> int | PgWardenError | None:
         return self.bind_answer
 
 
@@ -197,10 +198,21 @@ def copy_response(kind: bytes, columns: int = 1) -> bytes:
 PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE = msg(b"1"), msg(b"2"), msg(b"3")
 NO_DATA, SERVER_COPY_DONE = msg(b"n"), msg(b"c")
 READY_I, READY_T = be.ready_for_query(b"I"), be.ready_for_query(b"T")
+READY_E = be.ready_for_query(b"E")
 
 
 def parameter_description(*oids: int) -> bytes:
     return msg(b"t", struct.pack(f"!h{len(oids)}I", len(oids), *oids))
+
+
+# With a refusal pgwarden sends the server a Parse that fails (the transaction aborts as
+# for an error); the server's answer to it is swallowed.
+ABORT = ABORT_PARSE
+ABORT_SIMPLE = ABORT_PARSE + fe.SYNC_MESSAGE
+
+
+def absorbed() -> bytes:
+    return server_error("42601", 'syntax error at or near "pgwarden"')
 
 
 def server_error(sqlstate: str = "22012", message: str = "division by zero") -> bytes:
@@ -628,14 +640,17 @@ def test_server_notices_and_parameter_changes_pass_through(split: str) -> None:
     assert wire.session.at_rest
 
 
-def test_refused_simple_query_gets_error_and_ready_with_the_status(split: str) -> None:
+def test_refused_simple_query_aborts_the_transaction_like_an_error(split: str) -> None:
     wire = ready_wire(split)
     wire.client(fe.encode_query("BEGIN"))
     wire.server(command_complete("BEGIN") + READY_T)
     wire.drain()
     wire.client(fe.encode_query(FORBIDDEN))
-    assert wire.to_server() == b""
-    assert wire.to_client() == refusal_error() + READY_T
+    assert wire.to_server() == ABORT_SIMPLE  # the client's statement never goes
+    assert wire.to_client() == b""
+    assert not wire.session.at_rest
+    wire.server(absorbed() + READY_E)  # the server's own error is not the client's
+    assert wire.to_client() == refusal_error() + READY_E
     assert wire.session.at_rest
     assert gate_of(wire).checked[-1] == (FORBIDDEN, False)
 
@@ -643,11 +658,13 @@ def test_refused_simple_query_gets_error_and_ready_with_the_status(split: str) -
 def test_refused_simple_query_waits_for_the_statement_before_it(split: str) -> None:
     wire = ready_wire(split)
     wire.client(fe.encode_query("SELECT 1") + fe.encode_query(FORBIDDEN))
-    assert wire.to_server() == fe.encode_query("SELECT 1")
+    assert wire.to_server() == fe.encode_query("SELECT 1") + ABORT_SIMPLE
     assert wire.to_client() == b""
     reply = row_description("a") + data_row(b"1") + command_complete("SELECT 1") + READY_I
     wire.server(reply)
-    assert wire.to_client() == reply + refusal_error() + READY_I
+    assert wire.to_client() == reply
+    wire.server(absorbed() + READY_I)
+    assert wire.to_client() == refusal_error() + READY_I
     assert wire.session.at_rest
 
 
@@ -734,11 +751,13 @@ def test_refused_parse_is_answered_in_order_and_drops_until_sync(split: str) -> 
     allowed = fe.encode_parse("", "SELECT 1") + bind() + execute()
     refused = fe.encode_parse("", FORBIDDEN) + bind() + describe("P") + execute()
     wire.client(allowed + refused + SYNC)
-    assert wire.to_server() == allowed + SYNC
+    assert wire.to_server() == allowed + ABORT + SYNC
     assert wire.to_client() == b""  # the error waits behind the earlier replies
     replies = PARSE_COMPLETE + BIND_COMPLETE + data_row(b"1") + command_complete("SELECT 1")
     wire.server(replies)
-    assert wire.to_client() == replies + refusal_error()
+    assert wire.to_client() == replies
+    wire.server(absorbed())  # the batch fails in the server too: its work is rolled back
+    assert wire.to_client() == refusal_error()
     wire.server(READY_I)
     assert wire.to_client() == READY_I
     assert wire.session.at_rest
@@ -751,10 +770,10 @@ def test_refused_parse_before_flush_is_answered_when_earlier_replies_are_done(
     wire = ready_wire(split)
     allowed = fe.encode_parse("", "SELECT 1") + bind() + execute()
     wire.client(allowed + fe.encode_parse("q", FORBIDDEN) + FLUSH)
-    assert wire.to_server() == allowed + FLUSH
+    assert wire.to_server() == allowed + ABORT + FLUSH
     wire.server(PARSE_COMPLETE + BIND_COMPLETE)
     assert wire.to_client() == PARSE_COMPLETE + BIND_COMPLETE
-    wire.server(command_complete("SELECT 0"))
+    wire.server(command_complete("SELECT 0") + absorbed())
     assert wire.to_client() == command_complete("SELECT 0") + refusal_error()
     wire.client(bind("q") + execute() + SYNC)  # still skipping: only Sync goes on
     assert wire.to_server() == SYNC
@@ -766,8 +785,9 @@ def test_refused_parse_before_flush_is_answered_when_earlier_replies_are_done(
 def test_refused_parse_at_rest_is_answered_at_once(split: str) -> None:
     wire = ready_wire(split)
     wire.client(fe.encode_parse("", FORBIDDEN) + FLUSH)
+    assert wire.to_server() == ABORT + FLUSH
+    wire.server(absorbed())  # answered as soon as the server answers the abort
     assert wire.to_client() == refusal_error()
-    assert wire.to_server() == FLUSH
 
 
 def test_server_error_mid_batch_drops_expectations_until_sync(split: str) -> None:
@@ -811,7 +831,8 @@ def test_server_error_swallows_our_pending_refusal_one_error_per_batch(split: st
 def test_bind_to_an_unknown_statement_is_refused(split: str) -> None:
     wire = ready_wire(split)
     wire.client(bind("never_parsed") + execute() + SYNC)
-    assert wire.to_server() == SYNC
+    assert wire.to_server() == ABORT + SYNC
+    wire.server(absorbed())
     error = wire.to_client()
     fields = the_error(error)
     assert (fields["S"], fields["C"]) == ("ERROR", "26000")
@@ -826,11 +847,15 @@ def test_statement_refused_on_reparse_cannot_be_bound(split: str) -> None:
     wire.client(fe.encode_parse("s1", "SELECT 1") + SYNC)
     wire.server(PARSE_COMPLETE + READY_I)
     wire.client(fe.encode_parse("s1", FORBIDDEN) + SYNC + bind("s1") + execute() + SYNC)
-    assert wire.to_server() == fe.encode_parse("s1", "SELECT 1") + SYNC + SYNC + SYNC
+    assert (
+        wire.to_server() == fe.encode_parse("s1", "SELECT 1") + SYNC + ABORT + SYNC + ABORT + SYNC
+    )
+    wire.server(absorbed())
+    assert kinds(wire.to_client()) == "1ZE"
+    wire.server(READY_I + absorbed())
     out = wire.to_client()
-    assert kinds(out) == "1ZE"
-    wire.server(READY_I)
-    assert the_error(wire.to_client())["C"] == "26000"
+    assert kinds(out) == "ZE"
+    assert the_error(out[6:])["C"] == "26000"
 
 
 def test_closed_and_simple_query_dropped_statements_cannot_be_bound(split: str) -> None:
@@ -842,7 +867,8 @@ def test_closed_and_simple_query_dropped_statements_cannot_be_bound(split: str) 
     wire.drain()
     for name in ("s1", ""):  # Close drops s1; a simple Query drops the unnamed one
         wire.client(bind(name) + SYNC)
-        assert wire.to_server() == SYNC
+        assert wire.to_server() == ABORT + SYNC
+        wire.server(absorbed())
         assert the_error(wire.to_client())["C"] == "26000"
         wire.server(READY_I)
         assert wire.to_client() == READY_I
@@ -965,7 +991,8 @@ def test_copy_data_outside_copy_is_forwarded_for_the_server_to_ignore(split: str
 def test_function_call_is_refused_with_error_and_ready(split: str) -> None:
     wire = ready_wire(split)
     wire.client(FUNCTION_CALL)
-    assert wire.to_server() == b""
+    assert wire.to_server() == ABORT_SIMPLE
+    wire.server(absorbed() + READY_I)
     out = wire.to_client()
     assert kinds(out) == "EZ"
     assert the_error(out)["C"] == "42501"
@@ -1169,8 +1196,8 @@ def test_refused_query_behind_a_failed_unsynced_batch(split: str) -> None:
 def test_function_call_after_a_refused_parse_waits_for_sync(split: str) -> None:
     wire = ready_wire(split)
     wire.client(fe.encode_parse("", FORBIDDEN) + FUNCTION_CALL + SYNC)
-    assert wire.to_server() == SYNC
-    wire.server(READY_I)
+    assert wire.to_server() == ABORT + SYNC
+    wire.server(absorbed() + READY_I)
     assert kinds(wire.to_client()) == "EZ"
 
 
@@ -1376,8 +1403,8 @@ def test_bind_is_refused_when_the_gate_says_the_statement_no_longer_holds(split:
     wire.to_client()
     gate_of(wire).bind_answer = PolicyRefusal("pgwarden: the policy changed; Bind refused")
     wire.client(bind("s1") + execute() + SYNC)
-    assert wire.to_server() == SYNC
-    wire.server(READY_I)
+    assert wire.to_server() == ABORT + SYNC
+    wire.server(absorbed() + READY_I)
     got = messages(wire.to_client())
     assert [k for k, _ in got] == ["E", "Z"]
     assert error_fields(got[0][1])["C"] == "42501"

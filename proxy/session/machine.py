@@ -485,8 +485,7 @@ class Session:
                 self._inflight.append(_Statement(audit, self.config.clock(), checking))
             return True if verdict.sql is None else fe.encode_query(verdict.sql)
         self._note_internal(verdict)
-        self._reply(self.pipeline.refuse(_error(verdict.error), ready=True))
-        return b""
+        return self._refuse_simple(verdict.error)
 
     def _cursor_cap(self, cursor: tuple[str, bool], cap: _RowCap | None) -> _RowCap | None:
         """DECLARE starts a cursor's count; each FETCH from it adds to that count."""
@@ -639,18 +638,30 @@ class Session:
             "pgwarden: the fastpath function call interface is not allowed",
             hint="Call functions from a SELECT statement.",
         )
-        self._reply(self.pipeline.refuse(_error(refusal), ready=True))
-        return b""
+        return self._refuse_simple(refusal)
 
     def _on_terminate(self, data: bytes, pos: int, end: int) -> bool | bytes:
         self.actions.append(Close("client terminated"))
         self.phase = Phase.CLOSED
         return True
 
+    def _refuse_simple(self, error: PgWardenError) -> bytes:
+        """Refuse a Query (or FunctionCall): the error, then the server's ReadyForQuery.
+
+        Behind an extended batch still open (no Sync yet) a Sync of ours would end
+        the batch early in the server, so there the refusal is answered alone.
+        """
+        if self.pipeline.unsynced:
+            self._reply(self.pipeline.refuse(_error(error), ready=True, aborted=False))
+            return b""
+        self._reply(self.pipeline.refuse(_error(error), ready=True))
+        return ABORT_PARSE + fe.SYNC_MESSAGE
+
     def _refuse_extended(self, error: PgWardenError) -> bytes:
+        """Refuse an extended-protocol message: the rest up to Sync is dropped."""
         self._skipping = True
         self._reply(self.pipeline.refuse(_error(error), ready=False))
-        return b""
+        return ABORT_PARSE
 
     def _reply(self, data: bytes) -> None:
         if data:
@@ -723,6 +734,13 @@ class Session:
                 rows = 0
             extra = self._server_message(mtype, data, pos, end)
             plain = not pipeline.has_synthetic
+            if pipeline.swallow:  # pgwarden's own abort: forward what came before, skip it
+                pipeline.swallow = False
+                out.append(view[run:pos])
+                pos = run = end
+                if extra:
+                    out.append(extra)
+                continue
             pos = end
             if extra:
                 out.append(view[run:pos])
@@ -808,6 +826,11 @@ class Session:
         if isinstance(cap, _RowCap) and mtype in _STATEMENT_ENDS:
             msg = self._cap_end(cap, mtype, msg, queue[0] == pl.QUERY)
         extra = self._server_message(mtype, data, pos, end)
+        if self.pipeline.swallow:  # pgwarden's own abort
+            self.pipeline.swallow = False
+            if not dropping:
+                self._reply(extra)
+            return
         if mtype == 90:  # ReadyForQuery
             self._drop_until_ready = False
         elif dropping:
@@ -892,6 +915,8 @@ class Session:
     def _server_message(self, mtype: int, data: bytes, pos: int, end: int) -> bytes:
         status = data[pos + 5 : pos + 6] if mtype == 90 else b""  # ReadyForQuery
         completes, extra = self.pipeline.on_server(mtype, status)
+        if self.pipeline.swallow:  # the answer to pgwarden's own abort: not the client's
+            return extra
         if completes:
             assert self.gate is not None
             self.gate.rows_returned(self._stmt_rows)
@@ -1100,6 +1125,12 @@ class _RowCap:
     @property
     def mode(self) -> str:
         return "truncate" if self.truncate else "reject"
+
+
+# What pgwarden sends the server with a refusal so that the refusal aborts the
+# transaction as an error would (see pipeline.py): a Parse that cannot succeed, of a
+# named statement (a failed Parse of the unnamed one would drop the client's).
+ABORT_PARSE = fe.encode_parse("pgwarden_refusal", "pgwarden refused the statement")
 
 
 def _delivered_before(error: PgWardenError, earlier: int) -> PgWardenError:

@@ -25,6 +25,12 @@ Rules, as the server applies them:
   client has not finished: its Syncs are not expected until CopyDone/CopyFail.
 * CopyData/CopyDone/CopyFail are always forwarded: outside COPY the server
   ignores them, inside they are the data.
+* A refusal aborts the transaction, as an error does in PostgreSQL: with it
+  pgwarden sends the server a Parse that cannot succeed (ABSORB; plus its own
+  Sync, ABSORB_SYNC, for the simple protocol), so an open transaction block
+  becomes failed (25P02 until ROLLBACK, COMMIT rolls back) and an implicit
+  one rolls back. The server's answers to those are swallowed (`swallow`);
+  the client sees pgwarden's refusal, then the server's ReadyForQuery status.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ SYNC = 7  # ReadyForQuery
 QUERY = 8  # everything up to ReadyForQuery
 SYNTHETIC = 9  # a reply pgwarden makes itself (a refusal)
 COPY_END = 10  # not a reply: where the client ended a COPY it pipelined ahead
+ABSORB = 11  # ErrorResponse to pgwarden's own failing Parse (swallowed)
+ABSORB_SYNC = 12  # ReadyForQuery to pgwarden's own Sync (swallowed, status kept)
 
 _NAMES = {
     PARSE: "Parse",
@@ -57,6 +65,8 @@ _NAMES = {
     QUERY: "Query",
     SYNTHETIC: "refusal",
     COPY_END: "CopyDone",
+    ABSORB: "refusal",
+    ABSORB_SYNC: "refusal",
 }
 
 # Steps.
@@ -69,6 +79,7 @@ TO_PORTAL = 5  # ParameterDescription: RowDescription/NoData still to come
 COPY_IN_QUERY = 6
 COPY_IN_EXECUTE = 7
 EXTENDED_ERROR = 8  # the server will discard until Sync
+ABSORBED = 9  # the answer to pgwarden's own message: swallow it
 
 _ASYNC = (be.NOTICE_RESPONSE, be.NOTIFICATION, be.PARAMETER_STATUS)
 _EXTENDED = (PARSE, BIND, CLOSE, DESCRIBE_STATEMENT, DESCRIBE_PORTAL, EXECUTE)
@@ -99,6 +110,10 @@ def _table() -> dict[int, int]:
     on(QUERY, b"CE", QUERY_STATEMENT)
     on(QUERY, b"G", COPY_IN_QUERY)
     on(QUERY, b"Z", QUERY_DONE)
+    on(ABSORB, _ASYNC, STAY)
+    on(ABSORB, b"E", ABSORBED)
+    on(ABSORB_SYNC, _ASYNC, STAY)
+    on(ABSORB_SYNC, b"Z", ABSORBED)
     return t
 
 
@@ -126,6 +141,7 @@ class Pipeline:
         "done",
         "queue",
         "status",
+        "swallow",
         "tracking",
     )
 
@@ -142,6 +158,7 @@ class Pipeline:
         self.tracking = False
         self.caps: deque[object] = deque()
         self.done = 0  # Queries and Executes answered (or dropped after an error) so far
+        self.swallow = False  # the message just accounted for is not the client's
 
     @property
     def idle(self) -> bool:
@@ -180,8 +197,26 @@ class Pipeline:
         self.discarding = False
         self.queue.append(SYNC)
 
-    def refuse(self, message: bytes, *, ready: bool) -> bytes:
-        """Queue a synthetic reply; return what can be sent right now."""
+    @property
+    def unsynced(self) -> bool:
+        """An extended-protocol batch is open: its Sync has not been sent yet."""
+        for kind in reversed(self.queue):
+            if kind in (SYNC, QUERY, ABSORB_SYNC):
+                return False
+            if kind in _EXTENDED or kind == ABSORB:
+                return True
+        return False
+
+    def refuse(self, message: bytes, *, ready: bool, aborted: bool = True) -> bytes:
+        """Queue a synthetic reply (behind the abort pgwarden sent); return what can go now.
+
+        With `aborted`, the caller has sent the failing Parse, and with `ready` its
+        Sync too, just before.
+        """
+        if aborted:
+            self.queue.append(ABSORB)
+            if ready:
+                self.queue.append(ABSORB_SYNC)
         self.queue.append(SYNTHETIC)
         self._payloads.append(Synthetic(message, ready=ready))
         return self._release()
@@ -228,6 +263,10 @@ class Pipeline:
                 self.caps.popleft()
             self.copy_in = False
             return False, self._release() if self._payloads else b""
+        if step == ABSORBED:
+            q.popleft()
+            self.swallow = True
+            return False, self._release() if self._payloads else b""
         if step == TO_PORTAL:
             q[0] = DESCRIBE_PORTAL
         elif step in (COPY_IN_QUERY, COPY_IN_EXECUTE):
@@ -247,7 +286,7 @@ class Pipeline:
         self.copy_in = False
         q = self.queue
         head = q[0]
-        while q and q[0] != SYNC:  # PostgreSQL ignores all but Sync from here on,
+        while q and q[0] not in (SYNC, ABSORB_SYNC):  # the server ignores all but Sync now,
             kind = q.popleft()
             if kind == SYNTHETIC:  # so a refusal queued behind is dropped too
                 self._payloads.popleft()
