@@ -43,6 +43,7 @@ from proxy.analysis.masks import quote_ident
 from proxy.analysis.rewrite import Rewriter
 from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView
+from proxy.analysis.template import Filler, Shape, filler_of, shape_of
 from proxy.analysis.verify import Verifier, deparse, reads_catalog_only, walk
 from proxy.policy.model import Policy, StatementKind
 
@@ -111,6 +112,28 @@ class _Facts:
     catalog: list[bool] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Templated:
+    """An allowed template's verdict, and where its rewrite takes the literals."""
+
+    verdict: Evaluation
+    filler: Filler | None  # None: the client's own text is sent
+
+    @classmethod
+    def of(cls, verdict: Evaluation, shape: Shape) -> _Templated | None:
+        if not verdict.allowed:
+            return None  # analysed with its literals instead: its own verdict, its own message
+        if verdict.sql is None:
+            return cls(verdict, None)
+        filler = filler_of(verdict.sql, len(shape.literals))
+        return None if filler is None else cls(verdict, filler)
+
+    def fill(self, literals: tuple[str, ...]) -> Evaluation:
+        if self.filler is None:
+            return self.verdict
+        return replace(self.verdict, sql=self.filler.fill(literals))
+
+
 class Engine:
     """Evaluates statements for every role of one policy against one snapshot."""
 
@@ -124,6 +147,9 @@ class Engine:
         self._forbidden: dict[str, frozenset[tuple[int, int]]] = {}
         self._cache: OrderedDict[tuple[str, str, bool], Evaluation] = OrderedDict()
         self._cache_size = cache_size
+        # (role, template text) -> the template's verdict and its rewrite as segments,
+        # or None when statements of that template are analysed one by one.
+        self._templates: OrderedDict[tuple[str, str], _Templated | None] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -156,12 +182,33 @@ class Engine:
             self.hits += 1
             self._cache.move_to_end(key)
             return found
-        self.misses += 1
-        result = self._evaluate(role, sql, extended)
+        result = None if extended else self._from_template(role, sql)
+        if result is None:
+            self.misses += 1
+            result = self._evaluate(role, sql, extended)
         self._cache[key] = result
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return result
+
+    def _from_template(self, role: str, sql: str) -> Evaluation | None:
+        """The verdict of `sql` from its literal template (proxy/analysis/template.py)."""
+        if self.policy.roles[role].unrestricted:
+            return None
+        shape = shape_of(sql)
+        if shape is None:
+            return None
+        key = (role, shape.template)
+        if key in self._templates:
+            self.hits += 1
+            self._templates.move_to_end(key)
+            entry = self._templates[key]
+        else:  # analysed once, as a statement with parameters (counted as the miss)
+            entry = _Templated.of(self.evaluate(role, shape.template, extended=True), shape)
+            self._templates[key] = entry
+            if len(self._templates) > self._cache_size:
+                self._templates.popitem(last=False)
+        return None if entry is None else entry.fill(shape.literals)
 
     def _evaluate(self, role: str, sql: str, extended: bool) -> Evaluation:
         if self.policy.roles[role].unrestricted:
