@@ -22,6 +22,7 @@ Things to know when writing tests:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -36,12 +37,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import asyncpg
 import pytest
 import yaml
 from tlsutil import Pki, TlsFront, make_test_pki
 
+from proxy.analysis.catalog import Snapshot
+from proxy.analysis.engine import Engine
 from proxy.demo import shop_sql
+from proxy.net.catalog import read_snapshot
 from proxy.pgserver import PgServer, free_port, ssl_supported
+from proxy.policy import parse_policy
 
 SHOP_CUSTOMERS = 200
 SVC_USER, SVC_PASSWORD = "pgwarden_svc", "svc-secret"
@@ -379,6 +385,21 @@ def pgwarden(pg: PgServer, pki: Pki, tmp_path: Path) -> Iterator[Callable[..., P
         yield launcher
     finally:
         launcher.stop_all()
+
+
+@pytest.fixture(scope="module")
+def live_engine(pg: PgServer) -> Engine:
+    """The policy engine for TEST_POLICY over the shop schema as the database has it now."""
+
+    async def snapshot() -> Snapshot:
+        conn = await asyncpg.connect(pg.dsn(SVC_USER, SVC_PASSWORD, dbname="shop"))
+        try:
+            return await read_snapshot(conn)
+        finally:
+            await conn.close()
+
+    policy = parse_policy(TEST_POLICY.encode(), source=Path("policy.yaml"))
+    return Engine(policy, asyncio.run(snapshot()), HASH_KEY.encode())
 
 
 @pytest.fixture(scope="session")

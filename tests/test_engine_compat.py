@@ -1,4 +1,4 @@
-"""The policy engine on what the Python and command-line clients of the compatibility
+"""The policy live_engine on what the Python and command-line clients of the compatibility
 matrix send: regressions for the fixes their tests needed.
 
 Strategy: each statement is one a real client sends unprompted (asyncpg's type
@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from asyncpg import introspection
-from conftest import HASH_KEY, SVC_PASSWORD, SVC_USER, TEST_POLICY
+from conftest import SVC_PASSWORD, SVC_USER
 
 from proxy.analysis.engine import Engine
-from proxy.net.catalog import read_snapshot
 from proxy.pgserver import PgServer
-from proxy.policy import parse_policy
 
 Fetch = Callable[..., list[tuple[Any, ...]]]
 
@@ -47,19 +44,6 @@ ASYNCPG_JIT = [
 
 
 @pytest.fixture(scope="module")
-def engine(pg: PgServer) -> Engine:
-    async def snapshot() -> Any:
-        conn = await asyncpg.connect(pg.dsn(SVC_USER, SVC_PASSWORD, dbname="shop"))
-        try:
-            return await read_snapshot(conn)
-        finally:
-            await conn.close()
-
-    policy = parse_policy(TEST_POLICY.encode(), source=Path("policy.yaml"))
-    return Engine(policy, asyncio.run(snapshot()), HASH_KEY.encode())
-
-
-@pytest.fixture(scope="module")
 def db(pg: PgServer) -> Iterator[Fetch]:
     """Runs SQL with parameters on shop as the service account."""
     loop = asyncio.new_event_loop()
@@ -75,9 +59,9 @@ def db(pg: PgServer) -> Iterator[Fetch]:
         loop.close()
 
 
-def sent(engine: Engine, sql: str) -> str:
+def sent(live_engine: Engine, sql: str) -> str:
     """The text pgwarden sends for support (the client's own when unchanged)."""
-    result = engine.evaluate("support", sql)
+    result = live_engine.evaluate("support", sql)
     assert result.allowed, result.message
     return result.sql or sql
 
@@ -91,22 +75,22 @@ PSQL_DO = (
 )
 
 
-def test_psql_do_and_the_encoding_functions(engine: Engine, db: Fetch) -> None:
-    assert db(sent(engine, PSQL_DO)) == db(PSQL_DO)
-    assert db(sent(engine, "SELECT getdatabaseencoding(), pg_client_encoding()")) == [
+def test_psql_do_and_the_encoding_functions(live_engine: Engine, db: Fetch) -> None:
+    assert db(sent(live_engine, PSQL_DO)) == db(PSQL_DO)
+    assert db(sent(live_engine, "SELECT getdatabaseencoding(), pg_client_encoding()")) == [
         ("UTF8", "UTF8")
     ]
 
 
-def test_psql_dx_lists_extensions(engine: Engine, db: Fetch) -> None:
-    assert db(sent(engine, PSQL_DX)) == db(PSQL_DX)
-    assert any(row[0] == "plpgsql" for row in db(sent(engine, PSQL_DX)))
+def test_psql_dx_lists_extensions(live_engine: Engine, db: Fetch) -> None:
+    assert db(sent(live_engine, PSQL_DX)) == db(PSQL_DX)
+    assert any(row[0] == "plpgsql" for row in db(sent(live_engine, PSQL_DX)))
 
 
 @pytest.mark.parametrize("sql", ASYNCPG_JIT)
-def test_asyncpg_may_turn_jit_off_and_on(engine: Engine, db: Fetch, sql: str) -> None:
+def test_asyncpg_may_turn_jit_off_and_on(live_engine: Engine, db: Fetch, sql: str) -> None:
     args = ["off"] if "$1" in sql else []
-    assert db(sent(engine, sql), *args)
+    assert db(sent(live_engine, sql), *args)
 
 
 @pytest.mark.parametrize(
@@ -124,18 +108,18 @@ def test_asyncpg_may_turn_jit_off_and_on(engine: Engine, db: Fetch, sql: str) ->
         "SELECT public.set_config('jit', 'off', false)",
     ],
 )
-def test_set_config_stays_refused_beyond_safe_settings(engine: Engine, sql: str) -> None:
-    result = engine.evaluate("support", sql)
+def test_set_config_stays_refused_beyond_safe_settings(live_engine: Engine, sql: str) -> None:
+    result = live_engine.evaluate("support", sql)
     assert not result.allowed
     assert result.sqlstate == "42501", result.message
 
 
-def test_asyncpg_type_introspection(engine: Engine, db: Fetch) -> None:
+def test_asyncpg_type_introspection(live_engine: Engine, db: Fetch) -> None:
     """The recursive catalog query with `$1::oid[]` (sqlglot reads only pg_catalog.oid[])."""
     oids = [int(db("SELECT 'int4range'::regtype::oid")[0][0])]
     query = introspection.INTRO_LOOKUP_TYPES_13
-    assert db(sent(engine, query), oids) == db(query, oids)
-    assert db(sent(engine, introspection.TYPE_BY_NAME), "jsonb", "pg_catalog")
+    assert db(sent(live_engine, query), oids) == db(query, oids)
+    assert db(sent(live_engine, introspection.TYPE_BY_NAME), "jsonb", "pg_catalog")
 
 
 @pytest.mark.parametrize(
@@ -147,12 +131,14 @@ def test_asyncpg_type_introspection(engine: Engine, db: Fetch) -> None:
         ("SELECT CAST($1 AS pg_catalog.regnamespace[])::text[]", [["public"]]),
     ],
 )
-def test_arrays_of_oid_and_reg_types(engine: Engine, db: Fetch, sql: str, args: list[Any]) -> None:
-    assert db(sent(engine, sql), *args) == db(sql, *args)
+def test_arrays_of_oid_and_reg_types(
+    live_engine: Engine, db: Fetch, sql: str, args: list[Any]
+) -> None:
+    assert db(sent(live_engine, sql), *args) == db(sql, *args)
 
 
-def test_array_type_qualifying_keeps_masks_and_caps(engine: Engine) -> None:
-    result = engine.evaluate(
+def test_array_type_qualifying_keeps_masks_and_caps(live_engine: Engine) -> None:
+    result = live_engine.evaluate(
         "support", "SELECT email, ARRAY[id]::oid[] FROM customers WHERE id = $1"
     )
     assert result.allowed
@@ -165,9 +151,9 @@ def test_array_type_qualifying_keeps_masks_and_caps(engine: Engine) -> None:
 ASYNCPG_POOL_RESET = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
 
 
-def test_asyncpg_pool_reset_query(engine: Engine) -> None:
+def test_asyncpg_pool_reset_query(live_engine: Engine) -> None:
     """asyncpg's Connection.reset(), run by its pool on every release."""
-    result = engine.evaluate("support", ASYNCPG_POOL_RESET)
+    result = live_engine.evaluate("support", ASYNCPG_POOL_RESET)
     assert result.allowed, result.message
 
 
@@ -182,7 +168,7 @@ def test_asyncpg_pool_reset_query(engine: Engine) -> None:
         "SELECT pg_notify('compat', 'x')",
     ],
 )
-def test_locks_and_notifications_stay_refused(engine: Engine, sql: str) -> None:
-    result = engine.evaluate("support", sql)
+def test_locks_and_notifications_stay_refused(live_engine: Engine, sql: str) -> None:
+    result = live_engine.evaluate("support", sql)
     assert not result.allowed
     assert result.sqlstate == "42501", result.message

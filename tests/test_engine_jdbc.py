@@ -1,4 +1,4 @@
-"""The policy engine on the catalog queries JDBC drivers send for metadata.
+"""The policy live_engine on the catalog queries JDBC drivers send for metadata.
 
 Strategy: pgjdbc's DatabaseMetaData answers getPrimaryKeys and getIndexInfo with
 pg_catalog queries that expand pg_index.indkey with information_schema's
@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from conftest import HASH_KEY, SVC_PASSWORD, SVC_USER, TEST_POLICY
+from conftest import SVC_PASSWORD, SVC_USER
 
 from proxy.analysis.engine import Engine
-from proxy.net.catalog import read_snapshot
 from proxy.pgserver import PgServer
-from proxy.policy import parse_policy
 
 CAP = 50  # TEST_POLICY: support's rows_per_query
 Fetch = Callable[[str], list[tuple[Any, ...]]]
@@ -89,28 +86,15 @@ def db(pg: PgServer) -> Iterator[Fetch]:
         loop.close()
 
 
-@pytest.fixture(scope="module")
-def engine(pg: PgServer) -> Engine:
-    async def snapshot() -> Any:
-        conn = await asyncpg.connect(pg.dsn(SVC_USER, SVC_PASSWORD, dbname="shop"))
-        try:
-            return await read_snapshot(conn)
-        finally:
-            await conn.close()
-
-    policy = parse_policy(TEST_POLICY.encode(), source=Path("policy.yaml"))
-    return Engine(policy, asyncio.run(snapshot()), HASH_KEY.encode())
-
-
 @pytest.mark.parametrize(
     ("sql", "rows"),
     [(PRIMARY_KEYS, 1), (INDEX_INFO, 3), (TYPE_INFO, CAP + 1)],
     ids=["getPrimaryKeys", "getIndexInfo", "getTypeInfo"],
 )
 def test_pgjdbc_metadata_queries_come_back_whole(
-    engine: Engine, db: Fetch, sql: str, rows: int
+    live_engine: Engine, db: Fetch, sql: str, rows: int
 ) -> None:
-    verdict = engine.evaluate("support", sql, extended=True)
+    verdict = live_engine.evaluate("support", sql, extended=True)
     assert verdict.allowed, verdict.message
     assert verdict.sql is not None
     assert verdict.cap is None  # catalog relations only: rows that describe objects
@@ -132,20 +116,22 @@ def test_pgjdbc_metadata_queries_come_back_whole(
         "FETCH 100 FROM c",
     ],
 )
-def test_the_row_cap_holds_unless_only_catalog_relations_are_read(engine: Engine, sql: str) -> None:
-    verdict = engine.evaluate("support", sql)
+def test_the_row_cap_holds_unless_only_catalog_relations_are_read(
+    live_engine: Engine, sql: str
+) -> None:
+    verdict = live_engine.evaluate("support", sql)
     assert verdict.allowed, verdict.message
     assert verdict.cap == CAP
 
 
-def test_a_capped_query_still_gets_its_limit_and_an_uncapped_one_none(engine: Engine) -> None:
-    capped = engine.evaluate("support", "SELECT id FROM orders")
+def test_a_capped_query_still_gets_its_limit_and_an_uncapped_one_none(live_engine: Engine) -> None:
+    capped = live_engine.evaluate("support", "SELECT id FROM orders")
     assert capped.sql is not None
     assert f"LIMIT {CAP + 1}" in capped.sql
-    catalog = engine.evaluate("support", "SELECT typname FROM pg_type")
+    catalog = live_engine.evaluate("support", "SELECT typname FROM pg_type")
     assert catalog.sql is not None
     assert "LIMIT" not in catalog.sql
-    declared = engine.evaluate("support", "DECLARE c CURSOR FOR SELECT typname FROM pg_type")
+    declared = live_engine.evaluate("support", "DECLARE c CURSOR FOR SELECT typname FROM pg_type")
     assert (declared.allowed, declared.cap, declared.cursor) == (True, None, ("c", True))
 
 
@@ -165,19 +151,19 @@ def test_a_capped_query_still_gets_its_limit_and_an_uncapped_one_none(engine: En
     ],
 )
 def test_only_the_listed_information_schema_helper_is_callable(
-    engine: Engine, sql: str, mentions: str
+    live_engine: Engine, sql: str, mentions: str
 ) -> None:
-    verdict = engine.evaluate("support", sql)
+    verdict = live_engine.evaluate("support", sql)
     assert not verdict.allowed
     assert (verdict.sqlstate, mentions in verdict.message) == ("42501", True), verdict.message
 
 
-def test_the_helper_sees_masked_values_only(engine: Engine, db: Fetch) -> None:
+def test_the_helper_sees_masked_values_only(live_engine: Engine, db: Fetch) -> None:
     sql = (
         "SELECT (information_schema._pg_expandarray(ARRAY[email, phone])).x "
         "FROM customers WHERE id = 3"
     )
-    verdict = engine.evaluate("support", sql)
+    verdict = live_engine.evaluate("support", sql)
     assert verdict.allowed, verdict.message
     assert verdict.sql is not None
     values = [row[0] for row in db(verdict.sql)]

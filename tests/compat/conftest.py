@@ -305,6 +305,13 @@ def shop_service(pg: PgServer) -> Iterator[psycopg.Connection[Any]]:
 
 
 @pytest.fixture(scope="session")
+def truth(shop_service: psycopg.Connection[Any]) -> dict[int, tuple[Any, ...]]:
+    """id -> (id, full_name, email) as the database holds them: what PREPARED_SQL reads."""
+    rows = shop_service.execute("SELECT id, full_name, email FROM customers ORDER BY id")
+    return {int(row[0]): tuple(row) for row in rows.fetchall()}
+
+
+@pytest.fixture(scope="session")
 def pii(shop_service: psycopg.Connection[Any]) -> Pii:
     """Support's forbidden values and a sample customer (the module doc)."""
     forbidden = Forbidden("support", read_secrets(shop_service, SUPPORT_SECRETS))

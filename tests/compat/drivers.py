@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,28 @@ def run_program(
             f"{client} as {role} exited with {done.returncode}:\n{done.stderr[-3000:]}",
             pytrace=False,
         )
+    return run
+
+
+def cached_runs(
+    proxy: Proxy,
+    pg: PgServer,
+    pii: Pii,
+    client: str,
+    *,
+    command: Sequence[str],
+    marker: str,
+    cwd: Path,
+) -> Callable[[Role], Run]:
+    """role -> the program's run as that role: one process per role, run on first use."""
+    runs: dict[Role, Run] = {}
+
+    def run(role: Role) -> Run:
+        if role not in runs:
+            env = scenario_env(proxy, pg, role, pii, marker)
+            runs[role] = run_program(client, role, pii, command=command, env=env, cwd=cwd)
+        return runs[role]
+
     return run
 
 

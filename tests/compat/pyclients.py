@@ -115,6 +115,33 @@ def _in_thread_after(wait: Callable[[], None], then: Callable[[], None]) -> thre
     return thread
 
 
+class _Blocking(Db):
+    """A blocking DB-API driver (psycopg, psycopg2): transactions by autocommit, a
+    cancel from another thread."""
+
+    conn: Any
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        self.conn.autocommit = False
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+        self.conn.autocommit = True
+
+    def cancel_running(self, wait_running: Callable[[], None]) -> DbError:
+        thread = _in_thread_after(wait_running, self.cancel)
+        try:
+            self.fetch(LONG_SQL)
+        except DbError as error:
+            return error
+        finally:
+            thread.join(STEP_TIMEOUT_S)
+        raise AssertionError("the long query was not cancelled")
+
+
 # --- psycopg 3 ----------------------------------------------------------------------
 
 
@@ -129,7 +156,7 @@ def _psycopg_error(db: Db, exc: psycopg.Error) -> DbError:
     )
 
 
-class Psycopg(Db):
+class Psycopg(_Blocking):
     client = "psycopg"
 
     def __init__(self, proxy: Proxy, role: Role, app: str) -> None:
@@ -158,22 +185,8 @@ class Psycopg(Db):
         except psycopg.DatabaseError as exc:
             raise _psycopg_error(self, exc) from None
 
-    def begin(self) -> None:
-        self.conn.autocommit = False
-
-    def rollback(self) -> None:
-        self.conn.rollback()
-        self.conn.autocommit = True
-
-    def cancel_running(self, wait_running: Callable[[], None]) -> DbError:
-        thread = _in_thread_after(wait_running, self.conn.cancel_safe)
-        try:
-            self.fetch(LONG_SQL)
-        except DbError as error:
-            return error
-        finally:
-            thread.join(STEP_TIMEOUT_S)
-        raise AssertionError("the long query was not cancelled")
+    def cancel(self) -> None:
+        self.conn.cancel_safe()
 
     def listen_notify(self, channel: str, payload: str) -> list[str]:
         self.fetch(f"LISTEN {channel}")
@@ -364,7 +377,7 @@ class Asyncpg(_Async):
 # --- psycopg2 -------------------------------------------------------------------------
 
 
-class Psycopg2(Db):
+class Psycopg2(_Blocking):
     client = "psycopg2"
 
     def __init__(self, proxy: Proxy, role: Role, app: str) -> None:
@@ -405,22 +418,8 @@ class Psycopg2(Db):
         """psycopg2 has no protocol-level prepare: the same statement, bound client-side."""
         return [self.fetch(sql, p) for p in runs]
 
-    def begin(self) -> None:
-        self.conn.autocommit = False
-
-    def rollback(self) -> None:
-        self.conn.rollback()
-        self.conn.autocommit = True
-
-    def cancel_running(self, wait_running: Callable[[], None]) -> DbError:
-        thread = _in_thread_after(wait_running, self.conn.cancel)
-        try:
-            self.fetch(LONG_SQL)
-        except DbError as error:
-            return error
-        finally:
-            thread.join(STEP_TIMEOUT_S)
-        raise AssertionError("the long query was not cancelled")
+    def cancel(self) -> None:
+        self.conn.cancel()
 
     def listen_notify(self, channel: str, payload: str) -> list[str]:
         self.fetch(f"LISTEN {channel}")

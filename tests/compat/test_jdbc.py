@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from conftest import Proxy
 
@@ -36,6 +35,7 @@ from .drivers import (
     SHOP_TABLES,
     Run,
     assert_pgwarden_refusal,
+    cached_runs,
     check_batched_cap,
     check_cancel,
     check_listen,
@@ -47,8 +47,6 @@ from .drivers import (
     check_row_cap,
     check_tickets,
     expected_customer,
-    run_program,
-    scenario_env,
     value_of,
 )
 from .scenario import (
@@ -112,28 +110,13 @@ def classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def jdbc_runs(compat_proxy: Proxy, pg: PgServer, pii: Pii, classes: Path) -> Callable[[Role], Run]:
     """role -> the scenario's run as that role (one JVM per role, cached)."""
     assert JAVA is not None
-    runs: dict[Role, Run] = {}
-
-    def run(role: Role) -> Run:
-        if role not in runs:
-            env = scenario_env(compat_proxy, pg, role, pii, "?")
-            command = [JAVA, "-cp", f"{classes}{os.pathsep}{JAR}", "Compat"]
-            runs[role] = run_program(CLIENT, role, pii, command=command, env=env, cwd=classes)
-        return runs[role]
-
-    return run
+    command = [JAVA, "-cp", f"{classes}{os.pathsep}{JAR}", "Compat"]
+    return cached_runs(compat_proxy, pg, pii, CLIENT, command=command, marker="?", cwd=classes)
 
 
 @pytest.fixture
 def jdbc(jdbc_runs: Callable[[Role], Run], role: Role) -> Run:
     return jdbc_runs(role)
-
-
-@pytest.fixture(scope="module")
-def truth(shop_service: psycopg.Connection[Any]) -> dict[int, tuple[Any, ...]]:
-    """id -> (id, full_name, email) as the database holds them: what PREPARED_SQL reads."""
-    rows = shop_service.execute("SELECT id, full_name, email FROM customers ORDER BY id")
-    return {int(row[0]): tuple(row) for row in rows.fetchall()}
 
 
 @pytest.mark.compat(client=CLIENT, feature=LOGIN)

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from conftest import Proxy
 
@@ -29,6 +28,7 @@ from .drivers import (
     CUSTOMER_COLUMNS,
     SHOP_TABLES,
     Run,
+    cached_runs,
     check_batched_cap,
     check_cancel,
     check_listen,
@@ -40,8 +40,6 @@ from .drivers import (
     check_row_cap,
     check_tickets,
     expected_customer,
-    run_program,
-    scenario_env,
 )
 from .scenario import (
     BINARY,
@@ -79,28 +77,13 @@ def node_runs(compat_proxy: Proxy, pg: PgServer, pii: Pii) -> Callable[[Role], R
     if not (NODE_DIR / "node_modules" / "pg-cursor").is_dir():
         pytest.fail(f"node-postgres is not installed: run `make install` (npm ci in {NODE_DIR})")
     assert NODE is not None
-    runs: dict[Role, Run] = {}
-
-    def run(role: Role) -> Run:
-        if role not in runs:
-            env = scenario_env(compat_proxy, pg, role, pii, "$1")
-            command = [NODE, "--no-deprecation", "scenario.js"]
-            runs[role] = run_program(CLIENT, role, pii, command=command, env=env, cwd=NODE_DIR)
-        return runs[role]
-
-    return run
+    command = [NODE, "--no-deprecation", "scenario.js"]
+    return cached_runs(compat_proxy, pg, pii, CLIENT, command=command, marker="$1", cwd=NODE_DIR)
 
 
 @pytest.fixture
 def node(node_runs: Callable[[Role], Run], role: Role) -> Run:
     return node_runs(role)
-
-
-@pytest.fixture(scope="module")
-def truth(shop_service: psycopg.Connection[Any]) -> dict[int, tuple[Any, ...]]:
-    """id -> (id, full_name, email) as the database holds them: what PREPARED_SQL reads."""
-    rows = shop_service.execute("SELECT id, full_name, email FROM customers ORDER BY id")
-    return {int(row[0]): tuple(row) for row in rows.fetchall()}
 
 
 @pytest.mark.compat(client=CLIENT, feature=LOGIN)
