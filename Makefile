@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install compat-drivers demo test lint bench bench-select bench-engine bench-lookup bench-bulk \
+.PHONY: install compat-drivers demo demo-insider test lint bench bench-select bench-engine bench-lookup bench-bulk \
 	bench-idle bench-alloc bench-pgbouncer clean
 
 $(STAMP): pyproject.toml
@@ -46,7 +46,7 @@ test: lint compat-drivers
 # pgbouncer is the benchmark peer: Debian's package, installed when we can (root + apt).
 # `make bench` runs every benchmark through benchmarks/run_all.py, one after the other:
 # one JSON file (benchmarks/results/latest.json) and one table of the performance
-# targets, met or missed. QUICK=1 for a shorter run (~10 min instead of ~30); BENCH_ARGS
+# targets, met or missed. QUICK=1 for a shorter run (~6 min instead of ~15); BENCH_ARGS
 # goes to run_all.py (e.g. BENCH_ARGS="--only bulk,idle"). bench-select, bench-engine,
 # bench-lookup, bench-bulk, bench-idle and bench-alloc run one script each: ENGINE_ARGS
 # and LOOKUP_ARGS as before, then BENCH_ARGS (so e.g. BENCH_ARGS="--seconds 30" wins).

@@ -370,6 +370,7 @@ def launch_pgbouncer(
 
 def pgwarden_yaml(work: Path, server: PgServer, port: int, opts: Options) -> str:
     per_user = 2 * max(opts.clients)  # the default of 4 would refuse pgbench's clients
+    most = max(1000, per_user)  # idle_memory.py opens more than the default 1,000
     return f"""\
 listen: 127.0.0.1:{port}
 upstream:
@@ -380,7 +381,7 @@ auth:
 policy: {work / "policy.yaml"}
 metrics_listen: null
 log: {{format: json, level: warning}}
-limits: {{max_connections: 1000, max_connections_per_user: {per_user}}}
+limits: {{max_connections: {most}, max_connections_per_user: {per_user}}}
 """
 
 
