@@ -20,13 +20,14 @@ from pglast import ast
 
 from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine
-from proxy.analysis.masks import hash_value, hmac_pads
+from proxy.analysis.masks import hash_value, hmac_pads, mask_sql
 from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView
 from proxy.analysis.verify import Verifier
 from proxy.net.catalog import read_snapshot
 from proxy.pgserver import PgServer
 from proxy.policy import parse_policy
+from proxy.policy.model import ColumnRule
 
 KEY = HASH_KEY.encode()
 
@@ -225,6 +226,24 @@ def test_masks_as_postgresql_computes_them(engine: Engine, db: Any) -> None:
     masked = db(result.sql)[0]
     local, domain = raw[2].split("@")
     assert masked == (7, raw[1], f"{local[0]}***@{domain}", "***" + raw[3][-4:])
+
+
+EMAIL_EDGES = [
+    "john@example.com", "@example.com", "a@b@c", "no-at-sign", "a", "", "@", "a@", "@@",
+    "\u00e9l\u00e8ve@\u00e9cole.fr", "\U0001f600x@y", "line\nbreak@x", " x@y", "ab",
+]  # fmt: skip
+
+
+def test_the_email_mask_is_the_regular_expression_it_replaces(db: Any) -> None:
+    """The mask's CASE form gives exactly REGEXP_REPLACE(c, '^(.)[^@]*', '\\1***')."""
+    rule = ColumnRule(action="mask", mask="email")
+    mask = mask_sql(rule, "v", "text", None)
+    values = db("SELECT email FROM customers") + [(v,) for v in [*EMAIL_EDGES, None]]
+    was = "REGEXP_REPLACE(CAST(v AS TEXT), '^(.)[^@]*', '\\1***')"
+    sql = f"SELECT {mask}, {was} FROM unnest($1::text[]) AS t(v)"  # noqa: S608 - our own SQL
+    rows = db(sql, [v for (v,) in values])
+    assert len(rows) == len(values) > 100
+    assert [now for now, _ in rows] == [was for _, was in rows]
 
 
 @pytest.mark.parametrize(
