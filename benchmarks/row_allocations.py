@@ -15,9 +15,10 @@ then:
   still holds when it hands its output over (rows it holds back, copies of the
   chunk, slices, list entries).
 * drain: what proxy/net/server.py's ClientConnection.drain allocates to hand
-  that output to the transport (one bytes object joined from the pieces when
-  there are several), reproduced line for line here; then the output is
-  dropped, as after transport.write.
+  that output to the transport. Output of 64 KiB and more (a chunk here is
+  256 KiB) goes to transport.writelines piece by piece (one writev in uvloop,
+  no join), so this is 0 by construction, kept as a column so that a change
+  back to joining shows; smaller output is joined into one write.
 
 bytes/row = (session + drain) / rows forwarded. Objects allocated and freed
 within one call (a struct tuple, a temporary bytearray) are not in that sum:
@@ -203,11 +204,8 @@ class Measured:
 
 
 def drain(session: Session) -> None:
-    """ClientConnection.drain's client side: one object per write, then dropped."""
-    if session.to_client:
-        out = session.to_client[0] if len(session.to_client) == 1 else b"".join(session.to_client)
-        del out  # transport.write(out) would copy what the socket does not take at once
-        session.to_client.clear()
+    """ClientConnection.drain's client side: the pieces go to writelines as they are."""
+    session.to_client.clear()
 
 
 def query(driven: Driven, sql: str, measured: Measured | None) -> None:
@@ -239,12 +237,7 @@ def query(driven: Driven, sql: str, measured: Measured | None) -> None:
             snapshots.append(tracemalloc.take_snapshot())
         measured.session_bytes += after - before
         measured.peak_bytes = max(measured.peak_bytes, peak - before)
-        joined = traced()[0]
-        if len(s.to_client) > 1:
-            out = b"".join(s.to_client)
-            measured.drain_bytes += traced()[0] - joined
-            del out
-        s.to_client.clear()
+        drain(s)  # writelines(pieces): nothing allocated (see the module docstring)
     if s.phase is not Phase.READY:
         raise RuntimeError("the session closed during the query")
     if measured is not None:
@@ -302,8 +295,8 @@ def render_table(results: AllocResults) -> str:
         f"tracemalloc bytes per forwarded DataRow, cached path: SELECT of {results.opts.rows:,} "
         f"rows (~{i.get('row_bytes', '?')} bytes each), real server bytes, "
         f"recv({RECV_BYTES // 1024} KiB)",
-        "session: held by the Session after server_data(chunk); drain: ClientConnection.drain's "
-        "join; peak: largest transient per chunk",
+        "session: held by the Session after server_data(chunk); drain: ClientConnection.drain "
+        "(writelines, no join); peak: largest transient per chunk",
         "",
         f"{'session':<17}{'rows':>9}{'chunks':>8}{'B/chunk':>9}{'session B/row':>15}"
         f"{'drain B/row':>13}{'total B/row':>13}{'peak KB':>9}",

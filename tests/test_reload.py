@@ -128,7 +128,11 @@ def test_fifty_reloads_under_load_lose_no_statement(pgwarden: Callable[..., Prox
         w.start()
     try:
         for n in range(50):
-            proxy.policy_path.write_text(variants[n % 2])
+            # written whole (rename), as an editor or config tool does: the file watcher
+            # may read it at any moment, and a half-written file is rightly rejected
+            staged = proxy.policy_path.with_suffix(".new")
+            staged.write_text(variants[n % 2])
+            staged.replace(proxy.policy_path)
             proxy.process.send_signal(signal.SIGHUP)
             time.sleep(0.04)
     finally:

@@ -109,6 +109,11 @@ def require_hash_key(settings: Settings, policy: Policy) -> None:
         )
 
 
+# drain: output smaller than this is joined into one write (small replies reach the
+# client in one segment, as PostgreSQL sends them); larger output, a result being
+# streamed, goes to writelines piece by piece so that it is never copied whole.
+_JOIN_BELOW = 64 * 1024
+
 _ERROR_EVENTS = frozenset({"backstop.tripped", "analysis.failed"})
 
 
@@ -547,9 +552,15 @@ class ClientConnection(asyncio.Protocol):
             s.to_server.clear()
         if s.to_client:
             if self.transport is not None and not self.closed:
-                out = s.to_client[0] if len(s.to_client) == 1 else b"".join(s.to_client)
-                self.bytes_out += len(out)
-                self.transport.write(out)
+                pieces = s.to_client
+                size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
+                self.bytes_out += size
+                if len(pieces) == 1:
+                    self.transport.write(pieces[0])
+                elif size < _JOIN_BELOW:  # one send, as the server's own replies go
+                    self.transport.write(b"".join(pieces))
+                else:  # a large result: the pieces as they are, no copy of it
+                    self.transport.writelines(pieces)
             s.to_client.clear()
         if s.events:
             self._log_events()

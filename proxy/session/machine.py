@@ -81,6 +81,28 @@ class _Pending:
         self.need = 0
         return out
 
+    def complete(self, data: bytes) -> tuple[bytes | None, int]:
+        """Take from `data` only what the pending message lacks: (the message, bytes used).
+
+        The rest of `data` is then scanned where it lies, not copied behind the message.
+        """
+        used = 0
+        if len(self.buf) < 5:  # the header itself was cut
+            used = min(5 - len(self.buf), len(data))
+            self.buf += data[:used]
+            if len(self.buf) < 5:
+                return None, used
+            self.need = 1 + _LEN.unpack_from(self.buf, 1)[0]
+        take = max(0, min(self.need - len(self.buf), len(data) - used))
+        self.buf += memoryview(data)[used : used + take]
+        used += take
+        if len(self.buf) < self.need:
+            return None, used
+        out = bytes(self.buf)
+        self.buf.clear()
+        self.need = 0
+        return out, used
+
     def keep(self, data: bytes, pos: int) -> None:
         rest = len(data) - pos
         self.need = 1 + _LEN.unpack_from(data, pos + 1)[0] if rest >= 5 else 5
@@ -672,13 +694,16 @@ class Session:
     def _relay(self, data: bytes) -> None:
         if self._stream_left:
             data = self._stream(data)
+        start = 0
         if self._tail.buf:
-            whole = self._tail.add(data)
-            if whole is None:
+            head, start = self._tail.complete(data)
+            if head is None:
                 return
-            data = whole
-        if data:
-            self._scan(data)
+            self._scan(head)
+            if self.phase is Phase.CLOSED:
+                return
+        if start < len(data):
+            self._scan(data, start)
 
     def _stream(self, data: bytes) -> bytes:
         """Pass through the rest of a large DataRow/CopyData message."""
@@ -687,9 +712,9 @@ class Session:
         self._stream_left -= n
         return data[n:] if n < len(data) else b""
 
-    def _scan(self, data: bytes) -> None:  # noqa: PLR0912, PLR0915 - one frame: the hot loop
+    def _scan(self, data: bytes, start: int = 0) -> None:  # noqa: PLR0912, PLR0915 - the hot loop
         if self._guarded and (self._drop_until_ready or self.pipeline.capped()):
-            self._scan_capped(data)
+            self._scan_capped(data, start)
             return
         out = self.to_client
         view = memoryview(data)
@@ -700,7 +725,8 @@ class Session:
         plain = not pipeline.has_synthetic  # no refusal waiting to be released
         pipeline.drop_markers()
         n = len(data)
-        pos = run = rows = 0
+        pos = run = start
+        rows = 0
         while n - pos >= 5:
             mtype = data[pos]
             length = unpack(data, pos + 1)[0]
@@ -791,9 +817,9 @@ class Session:
     # the same Query, pipelined Executes) is dropped up to ReadyForQuery, as
     # PostgreSQL does after an error; the server's transaction is not affected.
 
-    def _scan_capped(self, data: bytes) -> None:
+    def _scan_capped(self, data: bytes, start: int = 0) -> None:
         n = len(data)
-        pos = 0
+        pos = start
         while n - pos >= 5 and self.phase is not Phase.CLOSED:
             length = _LEN.unpack_from(data, pos + 1)[0]
             if length < 4:
