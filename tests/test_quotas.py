@@ -163,7 +163,8 @@ def test_four_connections_at_once_cannot_take_more_than_quota_plus_four_caps(
                     else:  # packing rows into one: refused outright
                         conn.execute("SELECT string_agg(email, ',') FROM customers")
                 except (
-                    psycopg.errors.ConfigurationLimitExceeded,
+                    psycopg.errors.ConfigurationLimitExceeded,  # the quota (53400)
+                    psycopg.errors.ProgramLimitExceeded,  # the cursor's cap, if it comes first
                     psycopg.errors.InsufficientPrivilege,
                 ):
                     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
