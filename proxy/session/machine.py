@@ -829,22 +829,65 @@ class Session:
                 if length > _SERVER_MESSAGE_MAX:
                     raise ProtocolViolation("pgwarden: oversized message from server")
                 break
-            self._capped_message(data[pos], data, pos, end)
+            mtype = data[pos]
+            if mtype in _ROW_TYPES and self._in_statement():
+                pos = self._capped_rows(mtype, data, pos)
+                continue
+            self._capped_message(mtype, data, pos, end)
             pos = end
         if pos < n and self.phase is not Phase.CLOSED:
             self._tail.keep(data, pos)  # a capped result is never streamed: it may be held
+
+    def _in_statement(self) -> bool:
+        queue = self.pipeline.queue
+        return bool(queue) and queue[0] in (pl.QUERY, pl.EXECUTE)
+
+    def _capped_rows(self, mtype: int, data: bytes, pos: int) -> int:
+        """A run of complete rows (DataRow or CopyData) in this read, counted at once.
+
+        The rows within the cap travel as one slice of the read: no object per row.
+        Returns where the run ends.
+        """
+        cap = self.pipeline.caps[0] if self.pipeline.caps else None
+        room = cap.limit - cap.rows if isinstance(cap, _RowCap) else -1
+        n = len(data)
+        count = 0
+        fits = start = pos
+        while n - pos >= 5 and data[pos] == mtype:
+            end = pos + 1 + _LEN.unpack_from(data, pos + 1)[0]
+            if end > n:
+                break
+            pos = end
+            count += 1
+            if count <= room or room < 0:
+                fits = pos
+        rows = memoryview(data)[start:fits]
+        if not isinstance(cap, _RowCap):
+            self._deliver_rows(rows, count)
+            return pos
+        taken = min(count, max(room, 0))
+        cap.rows += count
+        if taken:
+            if cap.truncate:
+                self._deliver_rows(rows, taken)
+                cap.batch += taken
+            elif not cap.over:
+                cap.held.append(rows)
+                cap.held_rows += taken
+        if count > taken:
+            cap.over = True
+            cap.held.clear()
+            cap.held_rows = 0
+        return pos
 
     def _capped_message(self, mtype: int, data: bytes, pos: int, end: int) -> None:
         if mtype in _GUARDED_TYPES and self._guard(mtype, data, pos, end):
             return
         queue = self.pipeline.queue
-        in_statement = bool(queue) and queue[0] in (pl.QUERY, pl.EXECUTE)
+        in_statement = self._in_statement()
         cap = self.pipeline.caps[0] if in_statement and self.pipeline.caps else None
         msg = data[pos:end]
-        if mtype in (68, 100) and in_statement:  # DataRow, CopyData: a row
-            self._cap_row(cap, msg) if isinstance(cap, _RowCap) else self._deliver_rows([msg])
-            return
-        if isinstance(cap, _RowCap) and mtype == 99:  # CopyDone: held like a row
+        if isinstance(cap, _RowCap) and mtype == 99:  # CopyDone: held behind the rows
             if not cap.over:
                 cap.held.append(msg)
             return
@@ -863,26 +906,16 @@ class Session:
             return
         self._reply(msg + extra)
 
-    def _cap_row(self, cap: _RowCap, msg: bytes) -> None:
-        cap.rows += 1
-        if cap.rows <= cap.limit:
-            if cap.truncate:
-                self._deliver_rows([msg])
-                cap.batch += 1
-            else:
-                cap.held.append(msg)
-            return
-        cap.over = True
-        cap.held.clear()
-
-    def _deliver_rows(self, rows: list[bytes]) -> None:
-        if rows and not self._drop_until_ready:
-            self._stmt_rows += len(rows)
-            self.to_client.extend(rows)
+    def _deliver_rows(self, rows: bytes | memoryview, count: int) -> None:
+        """Forward `count` rows (whole messages, back to back) unless this reply is dropped."""
+        if count and not self._drop_until_ready:
+            self._stmt_rows += count
+            self.to_client.append(rows)
 
     def _cap_end(self, cap: _RowCap, mtype: int, msg: bytes, simple: bool) -> bytes:
         """The bytes to send for a statement's (or batch's) last message."""
         held, cap.held = cap.held, []
+        held_rows, cap.held_rows = cap.held_rows, 0
         over, batch, seen, earlier = cap.over, cap.batch, cap.rows, cap.delivered
         cap.batch = 0
         if (simple or mtype != 115) and not cap.cumulative:  # a statement ended
@@ -893,10 +926,12 @@ class Session:
             self._charge(cap, batch)
             return msg
         if not over:
-            self._deliver_rows(held)
-            self._charge(cap, batch + len(held))
+            if held and not self._drop_until_ready:
+                self._stmt_rows += held_rows
+                self.to_client.extend(held)
+            self._charge(cap, batch + held_rows)
             if cap.rows:  # the statement goes on (a portal or cursor batch)
-                cap.delivered += len(held)
+                cap.delivered += held_rows
             return msg
         self._charge(cap, batch)
         event = "quota.exhausted" if cap.by_quota else "limit.exceeded"
@@ -1066,6 +1101,7 @@ def _sqlstate(data: bytes, pos: int, end: int) -> str:
 
 
 _GUARDED_TYPES = (84, 83)  # RowDescription, ParameterStatus
+_ROW_TYPES = (68, 100)  # DataRow, CopyData (a row of COPY TO STDOUT)
 # CommandComplete, PortalSuspended, ErrorResponse, EmptyQueryResponse
 _STATEMENT_ENDS = (67, 115, 69, 73)
 
@@ -1081,6 +1117,7 @@ class _RowCap:
         "cumulative",
         "delivered",
         "held",
+        "held_rows",
         "limit",
         "over",
         "rows",
@@ -1107,7 +1144,8 @@ class _RowCap:
         self.rows = 0  # rows the server sent for the statement (or portal) so far
         self.batch = 0  # rows delivered since the last completion message (truncate)
         self.delivered = 0  # rows of earlier batches (portal, cursor) already delivered
-        self.held: list[bytes] = []
+        self.held: list[bytes | memoryview] = []  # runs of rows (and a CopyDone), in order
+        self.held_rows = 0  # rows in `held`
         self.over = False
 
     @classmethod
@@ -1127,7 +1165,7 @@ class _RowCap:
     def fresh(self) -> _RowCap:
         """The same cap with nothing seen yet (a new portal of the same statement)."""
         cap = copy.copy(self)
-        cap.rows = cap.batch = 0
+        cap.rows = cap.batch = cap.held_rows = 0
         cap.held = []
         cap.over = cap.cumulative = False
         return cap
