@@ -163,6 +163,14 @@ class Explanation:
     def exit_code(self) -> int:
         return 0 if self.evaluation.allowed else 1
 
+    @property
+    def row_cap(self) -> dict[str, Any] | None:
+        """The role's cap, unless this statement is not capped (it reads only the catalog)."""
+        cap = row_cap(self.role)
+        if cap is not None and self.evaluation.allowed and self.evaluation.cap is None:
+            return None
+        return cap
+
 
 def explain(policy: Policy, snapshot: Snapshot, role: str, sql: str) -> Explanation:
     """Evaluate `sql` for `role` as the proxy would."""
@@ -187,7 +195,7 @@ def explain_json(x: Explanation) -> str:
         "lookups": ev.lookups,
         "reasons": list(ev.reasons),
         "sql": x.sent if ev.allowed else None,
-        "row_cap": row_cap(x.role),
+        "row_cap": x.row_cap,
         "hash_key": "placeholder" if x.placeholder_key else None,
     }
     return json.dumps(out, ensure_ascii=False)
@@ -206,8 +214,13 @@ def explain_text(x: Explanation) -> str:
     lines.append(f"masked: {_listing(ev.masked)}")
     lines.append("reasons:")
     lines += [f"  - {reason}" for reason in ev.reasons]
-    cap = row_cap(x.role)
-    lines.append(f"row cap: {cap['rows']} ({cap['on_exceed']})" if cap else "row cap: none")
+    cap = x.row_cap
+    if cap:
+        lines.append(f"row cap: {cap['rows']} ({cap['on_exceed']})")
+    elif row_cap(x.role):
+        lines.append("row cap: none (the statement reads only the catalog)")
+    else:
+        lines.append("row cap: none")
     if x.placeholder_key:
         lines.append(PLACEHOLDER_NOTE)
     if ev.allowed:

@@ -175,6 +175,15 @@ def test_explain_json() -> None:
     assert "payment_cards" in data["message"]
 
 
+def test_explain_shows_no_cap_for_a_catalog_only_statement() -> None:
+    done = explain("--role", "support", "SELECT relname FROM pg_class")
+    assert "row cap: none (the statement reads only the catalog)\n" in done.stdout
+    data = json.loads(explain("--role", "support", "--json", "SELECT relname FROM pg_class").stdout)
+    assert data["row_cap"] is None
+    capped = json.loads(explain("--role", "support", "--json", "SELECT id FROM orders").stdout)
+    assert capped["row_cap"] == {"rows": 50, "on_exceed": "reject"}
+
+
 def test_explain_unrestricted_and_parse_errors() -> None:
     dba = explain("--role", "dba", "--json", STREET)
     data = json.loads(dba.stdout)
