@@ -101,10 +101,20 @@ def _from_database(read: Coroutine[Any, Any, _T]) -> _T:
         raise _DatabaseError(str(exc)) from None
 
 
-def _schema_rows(dsn: str) -> list[tuple[str, str, str]] | None:
-    """The database's columns, or None after saying why they cannot be read."""
+def _schema_rows(source: str) -> list[tuple[str, str, str]] | None:
+    """The columns of a database (DSN) or of a snapshot file (`pgwarden schema -o`), or
+    None after saying why they cannot be read."""
+    from proxy.policytools import ToolError, is_dsn, load_snapshot
+
+    if not is_dsn(source):
+        try:
+            snapshot = load_snapshot(source, _live_snapshot)
+        except ToolError as exc:
+            print(*exc.lines, sep="\n", file=sys.stderr)
+            return None
+        return [(r.schema, r.name, c.name) for r in snapshot.user_relations() for c in r.columns]
     try:
-        return _from_database(_read_columns(dsn))
+        return _from_database(_read_columns(source))
     except _DatabaseError as exc:
         print(f"pgwarden check: cannot read the schema from the database: {exc}", file=sys.stderr)
         return None
@@ -395,7 +405,11 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate a policy file")
     c.add_argument("policy", help="POLICY.yaml")
-    c.add_argument("--schema", metavar="DSN", help="also check names against this database")
+    c.add_argument(
+        "--schema",
+        metavar="DSN_OR_JSON_FILE",
+        help="also check names against this database, or a snapshot file (pgwarden schema)",
+    )
     c.set_defaults(func=_check)
 
     sc = sub.add_parser("schema", help="print a database's schema snapshot as JSON")

@@ -164,6 +164,18 @@ def test_schema_mistakes_are_reported_with_their_positions(tmp_path: Path, pg: P
     ]
 
 
+def test_a_snapshot_file_serves_as_the_schema(tmp_path: Path) -> None:
+    snapshot = EXAMPLE.parent / "shop.schema.json"
+    assert check(EXAMPLE, "--schema", str(snapshot)).returncode == 0
+    path = write(tmp_path, HEAD.replace("public.customers: {email", "public.custmers: {email") + T)
+    result = check(path, "--schema", str(snapshot))
+    assert result.returncode == 1
+    assert "public.custmers" in result.stdout
+    missing = check(EXAMPLE, "--schema", str(tmp_path / "none.json"))
+    assert missing.returncode == 2
+    assert "cannot read the schema snapshot" in missing.stderr
+
+
 def test_warnings_alone_keep_exit_0(tmp_path: Path, pg: PgServer) -> None:
     path = write(tmp_path, HEAD + "    tables: [public.customers, nosuch.*]\n")
     result = check(path, "--schema", pg.dsn("postgres", "postgres", "shop"))
