@@ -28,6 +28,9 @@ Keys beyond the product contract (PRODUCT.md, Configuration):
 * limits.shutdown_timeout_s (30): on SIGTERM, how long running statements may
   finish before their sessions are cancelled.
 * workers (1, at most 64): processes sharing the listening port (docs/operations.md).
+* auth.max_failures (10), auth.failure_window_s (60): a client address with that
+  many failed logins within the window is refused at its next connections,
+  before any password exchange, until the window has moved past them.
 
 The upstream password is taken from env PGWARDEN_UPSTREAM_PASSWORD, else the
 passfile, else the DSN itself (accepted, but discouraged: the config file then
@@ -68,7 +71,7 @@ _DSN_HINTS = {
 _SECTIONS: Mapping[str, tuple[str, ...]] = {
     "upstream": ("dsn", "tls", "ca_file", "passfile", "connect_timeout_s"),
     "tls": ("cert_file", "key_file", "required"),
-    "auth": ("users_file",),
+    "auth": ("users_file", "max_failures", "failure_window_s"),
     "log": ("format", "level"),
     "limits": (
         "max_connections",
@@ -120,6 +123,14 @@ class LimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Failed-login throttling per client address."""
+
+    max_failures: int
+    failure_window_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything `pgwarden serve` needs, validated."""
 
@@ -138,6 +149,7 @@ class Settings:
     limits: LimitSettings
     hash_key_file: Path | None
     workers: int
+    auth: AuthSettings = AuthSettings(10, 60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +456,10 @@ def load_settings(
         upstream=_upstream(r, upstream_dsn, environ),
         tls=_client_tls(r),
         users_file=r.value(("auth", "users_file"), "users.txt", _existing_file(r.base)),
+        auth=AuthSettings(
+            max_failures=r.value(("auth", "max_failures"), 10, _positive_int),
+            failure_window_s=r.value(("auth", "failure_window_s"), 60, _positive_float),
+        ),
         policy=_policy(r, policy),
         state_dsn=r.value(("state_dsn",), None, _optional(_state_dsn)),
         metrics_host=metrics[0] if metrics else None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import os
 import secrets
 import signal
@@ -38,6 +39,7 @@ from proxy.net.catalog import SchemaKeeper
 from proxy.net.ledger import Ledger
 from proxy.net.metrics import Metrics
 from proxy.net.quotas import QuotaBook
+from proxy.net.throttle import LoginThrottle
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
 from proxy.net.workers import (
     Supervisor,
@@ -170,6 +172,7 @@ class Server:
         self.sources = GateSources(self.schema, self.quotas)
         self.client_ssl = client_ssl_context(settings)
         self.upstream_ssl = upstream_ssl_context(settings.upstream)
+        self.throttle = LoginThrottle(settings.auth.max_failures, settings.auth.failure_window_s)
         self.connections: dict[int, ClientConnection] = {}  # by our BackendKeyData pid
         self.per_user: dict[str, int] = {}
         self.total_connections = 0
@@ -456,9 +459,13 @@ class Server:
     async def _housekeeping(self) -> None:
         limits = self.settings.limits
         interval = max(0.05, min(1.0, limits.startup_timeout_s / 4, limits.idle_timeout_s / 4))
+        pruned = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            if now - pruned > 60:
+                self.throttle.prune(now)
+                pruned = now
             for conn in list(self.connections.values()):
                 conn.check_timeouts(now)
 
@@ -479,6 +486,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_started = 0.0
         self.bytes_in = 0
         self.role = ""  # set at auth.ok, for the metrics
+        self.address = ""  # the client's IP address (failed-login throttling)
         self.slot: str | None = None  # the user counted by the supervisor for this connection
         self.bytes_out = 0
         self.closed = False
@@ -489,6 +497,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = self.transport.get_extra_info("peername")
         client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.address = str(peer[0]) if isinstance(peer, tuple) else client
         self.log = self.log.bind(client=client)
         server = self.server
         server.total_connections += 1
@@ -497,6 +506,16 @@ class ClientConnection(asyncio.Protocol):
             server.metrics.observe("conn.refused", {"reason": "limit"})
             self.session.refusal = StartupRefused(
                 "pgwarden: sorry, too many clients already", sqlstate="53300"
+            )
+            return
+        wait = server.throttle.retry_in(self.address)
+        if wait:  # refused before any password exchange: guessing here costs nothing
+            self.log.warning("conn.refused", reason="auth_failures")
+            server.metrics.observe("conn.refused", {"reason": "auth"})
+            self.session.refusal = StartupRefused(
+                f"pgwarden: too many failed logins from this address; try again in "
+                f"{math.ceil(wait)} s",
+                sqlstate="28000",
             )
             return
         self.log.info("conn.opened")
@@ -583,6 +602,8 @@ class ClientConnection(asyncio.Protocol):
             elif event in _ERROR_EVENTS:
                 self.log.error(event, **fields)
             else:  # auth.failed, upstream.error, limit.exceeded, quota.exhausted
+                if event == "auth.failed" and fields.get("reason") != "no role":
+                    self.server.throttle.failed(self.address)
                 self.log.warning(event, **fields)
         self.session.events.clear()
 
