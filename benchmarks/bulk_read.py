@@ -59,6 +59,7 @@ from pgbench_select import (
     SVC_USER,
     Credentials,
     Options,
+    RoundStats,
     Target,
     TargetError,
     _round,
@@ -203,7 +204,7 @@ def parse_args(argv: Sequence[str] | None) -> BulkOptions:
 
 
 @dataclass
-class BulkResults:
+class BulkResults(RoundStats):
     opts: BulkOptions
     info: dict[str, Any] = field(default_factory=dict)
     # `tps` is what drive() and table_rows() read; here it holds rows per second.
@@ -218,22 +219,8 @@ class BulkResults:
         for method in self.opts.methods:
             yield (method,)
 
-    def median(self, config: Config, target: str) -> float | None:
-        values = self.tps.get(config, {}).get(target)
-        failed = (*config, target) in self.failed
-        return statistics.median(values) if values and not failed else None
-
-    def spread(self, config: Config) -> float | None:
-        spreads = [
-            (max(v) - min(v)) / statistics.median(v)
-            for t in self.opts.targets
-            if len(v := self.tps.get(config, {}).get(t, [])) > 1 and self.median(config, t)
-        ]
-        return max(spreads, default=None)
-
-    def ratio(self, config: Config, num: str, den: str) -> float | None:
-        a, b = self.median(config, num), self.median(config, den)
-        return a / b if a is not None and b else None
+    def measured(self) -> Sequence[str]:
+        return self.opts.targets
 
     def row(self, config: Config) -> dict[str, Any]:
         return {

@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +64,7 @@ from pgbench_select import (
     SVC_USER,
     Credentials,
     Options,
+    RoundStats,
     Target,
     TargetError,
     _modes,
@@ -394,7 +394,7 @@ def check_answers(
 
 
 @dataclass
-class LookupResults:
+class LookupResults(RoundStats):
     opts: LookupOptions
     info: dict[str, Any] = field(default_factory=dict)
     tps: dict[Config, dict[str, list[float]]] = field(default_factory=dict)
@@ -408,22 +408,8 @@ class LookupResults:
                 for clients in self.opts.clients:
                     yield variant, mode, clients
 
-    def median(self, config: Config, target: str) -> float | None:
-        values = self.tps.get(config, {}).get(target)
-        failed = (*config, target) in self.failed
-        return statistics.median(values) if values and not failed else None
-
-    def spread(self, config: Config) -> float | None:
-        spreads = [
-            (max(v) - min(v)) / statistics.median(v)
-            for t in self.opts.targets
-            if len(v := self.tps.get(config, {}).get(t, [])) > 1 and self.median(config, t)
-        ]
-        return max(spreads, default=None)
-
-    def ratio(self, config: Config, num: str, den: str) -> float | None:
-        a, b = self.median(config, num), self.median(config, den)
-        return a / b if a is not None and b else None
+    def measured(self) -> Sequence[str]:
+        return self.opts.targets
 
     def row(self, config: Config) -> dict[str, Any]:
         return {

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -502,8 +502,37 @@ def run_pgbench(
 # --- results -----------------------------------------------------------------
 
 
+class RoundStats:
+    """Medians, noise and ratios over the rounds in `tps` (every benchmark's results)."""
+
+    tps: Mapping[Any, Mapping[str, list[float]]]
+    failed: Mapping[Any, str]
+
+    def measured(self) -> Sequence[str]:
+        """The targets whose rounds count for the noise."""
+        raise NotImplementedError
+
+    def median(self, config: tuple[Any, ...], target: str) -> float | None:
+        values = self.tps.get(config, {}).get(target)
+        failed = (*config, target) in self.failed
+        return statistics.median(values) if values and not failed else None
+
+    def spread(self, config: tuple[Any, ...]) -> float | None:
+        """The widest (max - min) / median over rounds among the targets: the noise."""
+        spreads = [
+            (max(v) - min(v)) / statistics.median(v)
+            for t in self.measured()
+            if len(v := self.tps.get(config, {}).get(t, [])) > 1 and self.median(config, t)
+        ]
+        return max(spreads, default=None)
+
+    def ratio(self, config: tuple[Any, ...], num: str, den: str) -> float | None:
+        a, b = self.median(config, num), self.median(config, den)
+        return a / b if a is not None and b else None
+
+
 @dataclass
-class Results:
+class Results(RoundStats):
     opts: Options
     info: dict[str, Any] = field(default_factory=dict)
     tps: dict[tuple[str, int], dict[str, list[float]]] = field(default_factory=dict)
@@ -516,23 +545,8 @@ class Results:
             for clients in self.opts.clients:
                 yield mode, clients
 
-    def median(self, config: tuple[str, int], target: str) -> float | None:
-        values = self.tps.get(config, {}).get(target)
-        failed = (*config, target) in self.failed
-        return statistics.median(values) if values and not failed else None
-
-    def spread(self, config: tuple[str, int]) -> float | None:
-        """The widest (max - min) / median over rounds among the targets: the noise."""
-        spreads = [
-            (max(v) - min(v)) / statistics.median(v)
-            for t in TARGETS
-            if len(v := self.tps.get(config, {}).get(t, [])) > 1 and self.median(config, t)
-        ]
-        return max(spreads, default=None)
-
-    def ratio(self, config: tuple[str, int], num: str, den: str) -> float | None:
-        a, b = self.median(config, num), self.median(config, den)
-        return a / b if a is not None and b else None
+    def measured(self) -> Sequence[str]:
+        return TARGETS
 
     def row(self, config: tuple[str, int]) -> dict[str, Any]:
         return {
