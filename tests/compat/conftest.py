@@ -45,7 +45,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import SVC_PASSWORD, SVC_USER, TEST_POLICY, Proxy, ProxyLauncher
+from security.clients import texts_of
 from security.conftest import SUPPORT_SECRETS, Forbidden, read_secrets
 from tlsutil import Pki
 
@@ -274,26 +275,6 @@ class Pii:
 
     def __repr__(self) -> str:
         return f"Pii({self.forbidden!r}, {self.customer!r})"
-
-
-def texts_of(value: object, where: str) -> Iterator[tuple[str, str]]:
-    """Every text in a received value: strings, bytes, and nestings of containers."""
-    if value is None:
-        return
-    if isinstance(value, str):
-        yield where, value
-    elif isinstance(value, bytes | bytearray | memoryview):
-        yield where, bytes(value).decode("utf-8", "replace")
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from texts_of(key, where)
-            yield from texts_of(item, where)
-    elif isinstance(value, Iterable):
-        items = value.values() if callable(getattr(value, "values", None)) else value
-        for item in items:
-            yield from texts_of(item, where)
-    else:
-        yield where, str(value)
 
 
 @pytest.fixture(scope="session")

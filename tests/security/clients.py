@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, LiteralString, Protocol, TypeVar, cast
 
@@ -133,19 +133,21 @@ class Session(Protocol):
 
 
 def texts_of(value: Any, where: str) -> Iterator[tuple[str, str]]:
-    """Every text inside a received value: cells, array items, JSON keys and values."""
+    """Every text inside a received value: cells, array items, JSON keys and values, and
+    any nesting of mappings and sequences (asyncpg Records, driver result objects)."""
     if value is None:
         return
     if isinstance(value, str):
         yield where, value
     elif isinstance(value, bytes | bytearray | memoryview):
         yield where, bytes(value).decode("utf-8", "replace")
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):
         for key, item in value.items():
             yield from texts_of(key, where)
             yield from texts_of(item, where)
-    elif isinstance(value, list | tuple | asyncpg.Record):
-        for item in value.values() if isinstance(value, asyncpg.Record) else value:
+    elif isinstance(value, Iterable):
+        items = value.values() if callable(getattr(value, "values", None)) else value
+        for item in items:
             yield from texts_of(item, where)
     else:
         yield where, str(value)
