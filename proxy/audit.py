@@ -110,8 +110,12 @@ class _Lines:
         if self.call_soon is None:
             self.flush()
             return
+        try:
+            self.call_soon(self.flush)
+        except RuntimeError:  # the loop has closed: write now rather than lose the line
+            self.flush()
+            return
         self._scheduled = True
-        self.call_soon(self.flush)
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 

@@ -808,6 +808,9 @@ def run(settings: Settings, argv: tuple[str, ...] = ()) -> int:
 async def _main(settings: Settings, identity: tuple[int, int] | None) -> int:
     link = None if identity is None else SupervisorLink(*identity)
     server = Server(settings, link)
-    with suppress(asyncio.CancelledError):
-        return await server.serve()
-    return 0
+    try:
+        with suppress(asyncio.CancelledError):
+            return await server.serve()
+        return 0
+    finally:
+        audit.batch_off()  # whatever ended the loop, no line waits on it

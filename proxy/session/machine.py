@@ -849,7 +849,8 @@ class Session:
         Returns where the run ends.
         """
         cap = self.pipeline.caps[0] if self.pipeline.caps else None
-        room = cap.limit - cap.rows if isinstance(cap, _RowCap) else -1
+        capped = isinstance(cap, _RowCap)
+        room = max(0, cap.limit - cap.rows) if isinstance(cap, _RowCap) else 0
         n = len(data)
         count = 0
         fits = start = pos
@@ -859,13 +860,13 @@ class Session:
                 break
             pos = end
             count += 1
-            if count <= room or room < 0:
+            if not capped or count <= room:
                 fits = pos
         rows = memoryview(data)[start:fits]
         if not isinstance(cap, _RowCap):
             self._deliver_rows(rows, count)
             return pos
-        taken = min(count, max(room, 0))
+        taken = min(count, room)
         cap.rows += count
         if taken:
             if cap.truncate:
