@@ -1,4 +1,5 @@
-"""Command line: `pgwarden serve | passwd | demo | check | schema | explain | test | quota`.
+"""Command line: `pgwarden serve | passwd | demo | check | schema | explain | test | replay |
+quota`.
 
 Each command is a small function that loads what it needs and hands over to
 the module that owns the work. Exit codes: 0 ok, 1 a reported failure (bad
@@ -73,12 +74,31 @@ def _check(args: argparse.Namespace) -> int:
         if rows is None:
             return 2
         errors, warnings = compare_schema(policy, doc, rows)
+        found = _filter_errors(policy, doc, args.schema)
+        if found is None:
+            return 2
+        errors += found
         print(*warnings, *errors, sep="\n", end="\n" if warnings or errors else "")
         if errors:
             return 1
     counts = f"{len(policy.roles)} roles, {policy.classified_columns()} classified columns"
     print(f"{args.policy}: ok ({counts})")
     return 0
+
+
+def _filter_errors(policy: Policy, doc: MarkedDocument, source: str) -> list[str] | None:
+    """Row filters resolved against the schema (a snapshot is read only when there are
+    filters), or None after saying why the schema cannot be read."""
+    from proxy.policytools import ToolError, filter_errors, load_snapshot
+
+    if not any(role.row_filter for role in policy.roles.values()):
+        return []
+    try:
+        snapshot = load_snapshot(source, _live_snapshot)
+    except ToolError as exc:
+        print(*exc.lines, sep="\n", file=sys.stderr)
+        return None
+    return filter_errors(policy, doc, snapshot)
 
 
 class _DatabaseError(Exception):
@@ -194,9 +214,52 @@ def _explain(args: argparse.Namespace) -> int:
             )
         source, base = found
     snapshot = load_snapshot(source, _live_snapshot, base=base)
-    result = explain(policy, snapshot, args.role, args.sql)
+    result = explain(policy, snapshot, args.role, args.sql, args.user)
     sys.stdout.write((explain_json(result) + "\n") if args.json else explain_text(result))
     return result.exit_code
+
+
+@_tool
+def _replay(args: argparse.Namespace) -> int:
+    """An audit log's statements judged under a draft policy: what would change."""
+    from proxy.analysis.engine import Engine
+    from proxy.policytools import hash_key_for, load_snapshot, read_policy
+    from proxy.replay import replay, report_json, report_text
+
+    policy_path = Path(args.policy)
+    policy = read_policy(policy_path)
+    source, base = _schema_source(args.schema, policy_path, "replay")
+    try:
+        text = sys.stdin.read() if args.log == "-" else Path(args.log).read_text("utf-8", "replace")
+    except OSError as exc:
+        _fail(f"pgwarden replay: cannot read {args.log}: {exc.strerror or exc}")
+    if '"event": "statement"' not in text and '"event":"statement"' not in text:
+        _fail(
+            f"pgwarden replay: no statement events in {args.log} "
+            "(pgwarden logs them with log.format: json and log.level: info or debug)"
+        )
+    snapshot = load_snapshot(source, _live_snapshot, base=base)
+    engine = Engine(policy, snapshot, hash_key_for(policy)[0])
+    report = replay(text.splitlines(), policy, engine)
+    out = report_json(report) + "\n" if args.json else report_text(report, args.log, args.policy)
+    sys.stdout.write(out)
+    return report.exit_code
+
+
+def _schema_source(schema: str | None, policy_path: Path, tool: str) -> tuple[str, Path | None]:
+    """--schema, else `schema:` of POLICY.tests.yaml beside the policy (relative to it)."""
+    from proxy.policytools import default_schema
+
+    if schema is not None:
+        return schema, None
+    found = default_schema(policy_path)
+    if found is None:
+        tests = policy_path.with_name(policy_path.stem + ".tests.yaml")
+        _fail(
+            f"pgwarden {tool}: no schema: pass --schema DSN_OR_JSON_FILE, "
+            f"or put `schema:` in {tests}"
+        )
+    return found
 
 
 @_tool
@@ -241,9 +304,98 @@ async def _read_snapshot(dsn: str) -> Snapshot:
 
 # --- quota: read or clear the ledger (docs/quota.md) -------------------------------
 
+# --- trace: attribute leaked per-user hashes (proxy/trace.py) -----------------------
+
+
+@_tool
+def _trace(args: argparse.Namespace) -> int:
+    """Which candidate user's per-user hash key produced the hashes in VALUES_FILE."""
+    import time
+
+    from proxy.policytools import read_policy
+    from proxy.trace import attribute, candidates, hashes_in, per_user_columns, report
+
+    dsn, password, key, policy_path = _trace_sources(args)
+    policy = read_policy(policy_path)
+    columns = per_user_columns(policy)
+    if not columns:
+        _fail(f"pgwarden trace: {policy_path} hashes no column per user (per_user: true)")
+    users = [u for u in (args.users or "").split(",") if u] or candidates(policy)
+    try:
+        leaked = hashes_in(Path(args.values_file).read_text(encoding="utf-8", errors="replace"))
+    except OSError as exc:
+        _fail(f"pgwarden trace: cannot read {args.values_file}: {exc.strerror}")
+    try:
+        values = _from_database(_read_values(dsn, password, columns))
+    except _DatabaseError as exc:
+        _fail(f"pgwarden trace: cannot read the hashed columns: {exc}")
+    started = time.monotonic()
+    results = attribute(leaked, values, users, key)
+    elapsed = time.monotonic() - started
+    raw = sum(len(v) for v in values.values())
+    print(
+        f"{args.values_file}: {len(leaked)} hashed values; {raw} raw values of "
+        f"{len(columns)} column(s) x {len(users)} user(s) in {elapsed:.1f} s"
+    )
+    print(*report(results, len(leaked)), sep="\n")
+    return 0 if results and results[0].matched else 1
+
+
+def _trace_sources(args: argparse.Namespace) -> tuple[str, str | None, bytes, Path]:
+    """(dsn, password, hash key, policy path) from --config, or --dsn and the environment."""
+    from proxy.policytools import HASH_KEY_ENV
+
+    if args.config:
+        from proxy.net.server import read_hash_key
+        from proxy.settings import load_settings
+
+        settings = load_settings(Path(args.config))
+        key = read_hash_key(settings)
+        if not key:
+            _fail("pgwarden trace: no hash key (hash_key_file or env PGWARDEN_HASH_KEY)")
+        policy = Path(args.policy) if args.policy else settings.policy
+        return settings.upstream.dsn, settings.upstream.password, key, policy
+    from proxy.settings import PASSWORD_ENV
+
+    env_key = os.environ.get(HASH_KEY_ENV)
+    if not env_key:
+        _fail(f"pgwarden trace: set {HASH_KEY_ENV} to the key pgwarden serves with")
+    if not args.policy:
+        _fail("pgwarden trace: --policy is required with --dsn")
+    password = None if urlsplit(args.dsn).password else os.environ.get(PASSWORD_ENV)
+    return args.dsn, password, env_key.encode(), Path(args.policy)
+
+
+async def _read_values(
+    dsn: str, password: str | None, columns: list[str]
+) -> dict[str, list[bytes]]:
+    """The distinct non-NULL values of each `schema.table.column`, as UTF-8 text."""
+    import asyncpg
+
+    from proxy.analysis.masks import quote_ident
+
+    conn = await asyncpg.connect(
+        dsn, password=password, timeout=10, server_settings={"application_name": "pgwarden trace"}
+    )
+    out: dict[str, list[bytes]] = {}
+    try:
+        for name in columns:
+            schema, table, column = name.split(".")
+            col = quote_ident(column)
+            sql = (
+                f"SELECT DISTINCT CAST({col} AS text) AS v FROM "  # noqa: S608 - quoted names
+                f"{quote_ident(schema)}.{quote_ident(table)} WHERE {col} IS NOT NULL"
+            )
+            out[name] = [row["v"].encode() for row in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+    return out
+
+
 if TYPE_CHECKING:
     from proxy.net.ledger import Ledger
     from proxy.policy import Policy
+    from proxy.policy.marked import MarkedDocument
     from proxy.quota import Usage
     from proxy.settings import Settings
 
@@ -267,28 +419,81 @@ def _quota_show(args: argparse.Namespace) -> int:
     settings = load_settings(Path(args.config))
     policy = load_policy(settings.policy)
 
-    async def read(ledger: Ledger) -> list[tuple[str, Usage]]:
+    async def read(ledger: Ledger) -> tuple[list[tuple[str, Usage]], dict[str, Any]]:
         if args.user is None:
-            return await ledger.all_usage()
-        return [(args.user, await ledger.usage(args.user))]
+            return await ledger.all_usage(), {}
+        usage = await ledger.usage(args.user)
+        return [(args.user, usage)], await _records_of(ledger, args.user)
 
     found = _with_ledger(settings, read)
     if found is None:
         return 2
-    if args.user is not None and found[0][1] == NO_USAGE and policy.role_of(args.user) is None:
+    usages, records = found
+    if args.user is not None and usages[0][1] == NO_USAGE and policy.role_of(args.user) is None:
         print(
             f"pgwarden quota: {args.user!r} has no role in the policy and no usage in the ledger",
             file=sys.stderr,
         )
         return 1
-    rows = [_quota_row(policy, user, usage) for user, usage in found]
+    rows = [_quota_row(policy, user, usage) | records for user, usage in usages]
     if args.json:
         import json
 
         print(json.dumps(rows, indent=2))
     else:
         _print_table(rows)
+        if records:
+            _print_records(policy, args.user, records)
     return 0
+
+
+async def _records_of(ledger: Ledger, user: str) -> dict[str, Any]:
+    """Records shown per window, the lock and the last alerts of `user` (quota show USER)."""
+    import time
+    from datetime import UTC, datetime
+
+    def iso(at: float) -> str:
+        return datetime.fromtimestamp(at, UTC).isoformat()
+
+    lock = await ledger.lock_of(user)
+    alerts = await ledger.alerts_of(user, 5)
+    return {
+        "records": await ledger.seen_counts(user, time.time()),
+        "locked": None
+        if lock is None
+        else {"at": iso(lock[0]), "reason": lock[1], "details": json_loads(lock[2])},
+        "alerts": [
+            {"at": iso(at), "kind": kind, "table": table, "count": count, "threshold": threshold}
+            for at, kind, table, count, threshold in alerts
+        ],
+    }
+
+
+def json_loads(text: str) -> Any:
+    import json
+
+    return json.loads(text)
+
+
+def _print_records(policy: Policy, user: str, found: dict[str, Any]) -> None:
+    role = policy.role_of(user)
+    limits = None if role is None or role.unrestricted else role.limits
+    shown = []
+    for window, count in found["records"].items():
+        budget = getattr(limits, f"records_per_{window}", None) if limits else None
+        shown.append(f"{window} {count}" + (f"/{budget}" if budget else ""))
+    print(f"records shown: {', '.join(shown)}")
+    lock = found["locked"]
+    if lock is None:
+        print("locked: no")
+    else:
+        what = ", ".join(f"{k} {v}" for k, v in lock["details"].items() if v)
+        print(f"locked: since {lock['at']} ({lock['reason']}{': ' + what if what else ''})")
+    for alert in found["alerts"]:
+        print(
+            f"alert: {alert['at']} {alert['kind']} on {alert['table']} "
+            f"({alert['count']} >= {alert['threshold']})"
+        )
 
 
 def _quota_row(policy: Policy, user: str, usage: Usage) -> dict[str, Any]:
@@ -340,17 +545,48 @@ def _quota_reset(args: argparse.Namespace) -> int:
 
     settings = load_settings(Path(args.config))
 
-    async def clear(ledger: Ledger) -> int:
-        return await ledger.reset(args.user)
+    async def clear(ledger: Ledger) -> tuple[int, int, bool]:
+        buckets = await ledger.reset(args.user)
+        return buckets, await ledger.reset_seen(args.user), await ledger.unlock(args.user)
 
-    buckets = _with_ledger(settings, clear)
-    if buckets is None:
+    done = _with_ledger(settings, clear)
+    if done is None:
         return 2
+    buckets, records, unlocked = done
     # An ops action is always logged, even where the configured level is quieter.
     level = settings.log_level if settings.log_level in ("debug", "info") else "warning"
     audit.configure(settings.log_format, level)
     log = audit.get_logger()
-    log.warning("quota.reset", user=args.user, operator=_operator(), buckets=buckets)
+    log.warning(
+        "quota.reset",
+        user=args.user,
+        operator=_operator(),
+        buckets=buckets,
+        records=records,
+        unlocked=unlocked,
+    )
+    return 0
+
+
+def _quota_unlock(args: argparse.Namespace) -> int:
+    """Lift a user's lock (a decoy touched, a locking alert); records and usage stay."""
+    from proxy import audit
+    from proxy.settings import load_settings
+
+    settings = load_settings(Path(args.config))
+
+    async def unlock(ledger: Ledger) -> bool:
+        return await ledger.unlock(args.user)
+
+    unlocked = _with_ledger(settings, unlock)
+    if unlocked is None:
+        return 2
+    if not unlocked:
+        print(f"pgwarden quota: {args.user!r} is not locked", file=sys.stderr)
+        return 1
+    level = settings.log_level if settings.log_level in ("debug", "info") else "warning"
+    audit.configure(settings.log_format, level)
+    audit.get_logger().warning("user.unlocked", user=args.user, operator=_operator())
     return 0
 
 
@@ -430,25 +666,68 @@ def _parser() -> argparse.ArgumentParser:
         "(default: `schema:` of POLICY.tests.yaml beside the policy)",
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument(
+        "--user",
+        help="the user, for a role with :user row filters or per-user hashes "
+        "(default: its first member)",
+    )
     e.add_argument("sql", metavar="SQL")
     e.set_defaults(func=_explain)
+
+    _trace_parser(sub.add_parser("trace", help="whose per-user hash key made a file's hashes"))
 
     t = sub.add_parser("test", help="run policy unit tests (role + SQL -> expected verdict)")
     t.add_argument("file", metavar="FILE.tests.yaml")
     t.set_defaults(func=_test)
 
-    q = sub.add_parser("quota", help="read or clear the per-user quota ledger")
+    _replay_parser(
+        sub.add_parser("replay", help="judge an audit log's statements under a draft policy")
+    )
+
+    _quota_parser(sub.add_parser("quota", help="read or clear the per-user quota ledger"))
+    return p
+
+
+def _quota_parser(q: argparse.ArgumentParser) -> None:
     qsub = q.add_subparsers(dest="quota_command", required=True)
     qs = qsub.add_parser("show", help="rows read per user in the last hour and 24 h")
     qs.add_argument("user", nargs="?", help="one user (default: everyone with usage)")
     qs.add_argument("-c", "--config", required=True, help="pgwarden.yaml")
     qs.add_argument("--json", action="store_true", help="print a JSON array")
     qs.set_defaults(func=_quota_show)
-    qr = qsub.add_parser("reset", help="clear a user's usage (logged with your OS user)")
+    qr = qsub.add_parser(
+        "reset", help="clear a user's usage and records, and unlock (logged with your OS user)"
+    )
     qr.add_argument("user")
     qr.add_argument("-c", "--config", required=True, help="pgwarden.yaml")
     qr.set_defaults(func=_quota_reset)
-    return p
+    qu = qsub.add_parser("unlock", help="lift a user's lock (logged with your OS user)")
+    qu.add_argument("user")
+    qu.add_argument("-c", "--config", required=True, help="pgwarden.yaml")
+    qu.set_defaults(func=_quota_unlock)
+
+
+def _trace_parser(tr: argparse.ArgumentParser) -> None:
+    tr.add_argument("values_file", metavar="VALUES_FILE", help="text holding 16-hex-digit hashes")
+    tr.add_argument("-p", "--policy", help="POLICY.yaml (default: policy of --config)")
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dsn", help="read raw values here (hash key: env PGWARDEN_HASH_KEY)")
+    source.add_argument("-c", "--config", help="pgwarden.yaml: its upstream, policy and hash key")
+    tr.add_argument("--users", help="candidate users, comma-separated (default: per-user roles)")
+    tr.set_defaults(func=_trace)
+
+
+def _replay_parser(r: argparse.ArgumentParser) -> None:
+    r.add_argument("log", metavar="AUDIT.log", help="pgwarden's JSON log (- for stdin)")
+    r.add_argument("-p", "--policy", required=True, help="the draft POLICY.yaml")
+    r.add_argument(
+        "--schema",
+        metavar="DSN_OR_JSON_FILE",
+        help="a postgresql:// DSN, or a snapshot from `pgwarden schema` "
+        "(default: `schema:` of POLICY.tests.yaml beside the policy)",
+    )
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=_replay)
 
 
 def _demo_parser(d: argparse.ArgumentParser) -> None:

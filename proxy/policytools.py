@@ -33,6 +33,10 @@ from typing import Any, TextIO
 
 from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine, Evaluation
+from proxy.analysis.records import HIDDEN_PREFIX, RecordSpec
+from proxy.analysis.rewrite_errors import Refusal
+from proxy.analysis.roles import RoleView
+from proxy.analysis.row_filter import FilterError, bind_filter
 from proxy.analysis.verify import pretty
 from proxy.policy.loader import (
     MarkedDocument,
@@ -135,6 +139,47 @@ def require_role(policy: Policy, role: str) -> Role:
     return found
 
 
+def default_user(role: Role, user: str | None) -> str:
+    """The user a per-user role's statements are explained for: `user`, else its first member."""
+    if user:
+        return user
+    return sorted(role.members)[0] if role.per_user and role.members else ""
+
+
+def filter_errors(policy: Policy, doc: MarkedDocument, snapshot: Snapshot) -> list[str]:
+    """`pgwarden check --schema`: every row filter resolved against the snapshot.
+
+    Each relation and column of a filter must exist, bind inside the filter, and each
+    relation it reads must be one the role may read.
+    """
+    errors: list[str] = []
+    for role in policy.roles.values():
+        view = RoleView(policy, role, None, user="", snapshot=snapshot)
+        for table, text in role.row_filter.items():
+            at: YamlPath = ("roles", role.name, "row_filter", table)
+            problem = _filter_problem(view, table, text, snapshot)
+            if problem is not None:
+                errors.append(f"{where(policy.source, doc.position(at))}: {dotted(at)}: {problem}")
+    return errors
+
+
+def _filter_problem(view: RoleView, table: str, text: str, snapshot: Snapshot) -> str | None:
+    schema, _, name = table.partition(".")
+    relation = snapshot.resolve(schema, name)
+    if relation is None:
+        return f"no such table {table}"
+    try:
+        bound = bind_filter(text, relation, snapshot, user="", role=view.name)
+        for read in bound.relations:
+            view.authorise(read)
+    except FilterError as error:
+        return str(error)
+    except Refusal as refusal:
+        why = refusal.message.removeprefix("pgwarden: ")
+        return f"the filter reads what the role may not: {why}"
+    return None
+
+
 def row_cap(role: Role) -> dict[str, Any] | None:
     limits = role.limits
     if limits is None or limits.rows_per_query is None:
@@ -153,6 +198,7 @@ class Explanation:
     sql: str
     evaluation: Evaluation
     placeholder_key: bool  # the role hashes and the key is the placeholder
+    user: str = ""  # the user a per-user role's statement was rewritten for
 
     @property
     def sent(self) -> str:
@@ -172,13 +218,17 @@ class Explanation:
         return cap
 
 
-def explain(policy: Policy, snapshot: Snapshot, role: str, sql: str) -> Explanation:
-    """Evaluate `sql` for `role` as the proxy would."""
+def explain(
+    policy: Policy, snapshot: Snapshot, role: str, sql: str, user: str | None = None
+) -> Explanation:
+    """Evaluate `sql` for `role` (and `user`, for a per-user role) as the proxy would."""
     found = require_role(policy, role)
     key, placeholder = hash_key_for(policy)
-    evaluation = Engine(policy, snapshot, key).evaluate(role, sql)
+    who = default_user(found, user)
+    evaluation = Engine(policy, snapshot, key).evaluate(role, sql, user=who)
     hashes = any(rule.mask == "hash" for rule in found.columns.values())
-    return Explanation(found, sql, evaluation, placeholder and hashes)
+    shown = who if found.per_user else ""
+    return Explanation(found, sql, evaluation, placeholder and hashes, shown)
 
 
 def explain_json(x: Explanation) -> str:
@@ -198,12 +248,24 @@ def explain_json(x: Explanation) -> str:
         "row_cap": x.row_cap,
         "hash_key": "placeholder" if x.placeholder_key else None,
     }
+    if ev.records is not None:  # only for statements whose rows show classified records
+        out["records"] = {
+            "keyed": list(ev.records.tables),
+            "grouped": ev.records.grouped,
+            "unkeyed": ev.records.unkeyed,
+        }
+    if ev.filtered:  # only for roles with row filters (the keys above are a fixed contract)
+        out["filtered"] = list(ev.filtered)
+    if x.user:
+        out["user"] = x.user
     return json.dumps(out, ensure_ascii=False)
 
 
 def explain_text(x: Explanation) -> str:
     ev = x.evaluation
     lines = [f"verdict: {'allow' if ev.allowed else 'refuse'} (role {x.role.name})"]
+    if x.user:
+        lines.append(f"user: {x.user}")
     if not ev.allowed:
         lines.append(f"sqlstate: {ev.sqlstate}")
         lines.append(f"message: {ev.message}")
@@ -212,6 +274,8 @@ def explain_text(x: Explanation) -> str:
     lines.append(f"kinds: {_listing(ev.kinds)}")
     lines.append(f"tables: {_listing(ev.tables)}")
     lines.append(f"masked: {_listing(ev.masked)}")
+    if ev.filtered:
+        lines.append(f"filtered: {_listing(ev.filtered)}")
     lines.append("reasons:")
     lines += [f"  - {reason}" for reason in ev.reasons]
     cap = x.row_cap
@@ -221,6 +285,8 @@ def explain_text(x: Explanation) -> str:
         lines.append("row cap: none (the statement reads only the catalog)")
     else:
         lines.append("row cap: none")
+    if ev.records is not None:
+        lines.append(f"records: {records_text(ev.records)}")
     if x.placeholder_key:
         lines.append(PLACEHOLDER_NOTE)
     if ev.allowed:
@@ -230,6 +296,21 @@ def explain_text(x: Explanation) -> str:
     return "\n".join(lines) + "\n"
 
 
+def records_text(spec: RecordSpec) -> str:
+    """How the relay accounts the rows' records (docs/policy.md, "Records")."""
+    parts = []
+    if spec.tables:
+        per = "per group of one record" if spec.grouped else "per row"
+        columns = ", ".join(f"{HIDDEN_PREFIX}{i}" for i in range(spec.hidden))
+        parts.append(
+            f"{', '.join(spec.tables)} by primary key, {per} (hidden {columns}, "
+            "removed before the client)"
+        )
+    if spec.unkeyed:
+        parts.append("each row counts as one new record (its records cannot be keyed)")
+    return "; ".join(parts)
+
+
 def _listing(items: Sequence[str]) -> str:
     return ", ".join(items) or "none"
 
@@ -237,7 +318,7 @@ def _listing(items: Sequence[str]) -> str:
 # --- tests files ----------------------------------------------------------------------
 
 _TOP_KEYS = ("policy", "schema", "cases")
-_CASE_KEYS = ("name", "role", "sql", "expect", "sqlstate", "rewritten_contains")
+_CASE_KEYS = ("name", "role", "user", "sql", "expect", "sqlstate", "rewritten_contains")
 _EXPECT = ("allow", "refuse")
 
 
@@ -251,6 +332,7 @@ class Case:
     name: str | None = None
     sqlstate: str | None = None
     contains: tuple[str, ...] = ()
+    user: str | None = None  # for a per-user role (default: its first member)
 
     @property
     def label(self) -> str:
@@ -320,12 +402,15 @@ class _Reader:
         if expect not in _EXPECT:
             self.error((*at, "expect"), "must be allow or refuse")
         name = self.text((*at, "name"), data.get("name"), required=False)
+        user = self.text((*at, "user"), data.get("user"), required=False)
         sqlstate = self._sqlstate(at, data.get("sqlstate"), expect)
         contains = self._contains(at, data.get("rewritten_contains"), expect)
         if len(self.errors) > before or role is None or sql is None:
             return None
         line = self.doc.position(at)
-        return Case(index, line[0] if line else 0, role, sql, str(expect), name, sqlstate, contains)
+        return Case(
+            index, line[0] if line else 0, role, sql, str(expect), name, sqlstate, contains, user
+        )
 
     def _sqlstate(self, at: YamlPath, value: object, expect: object) -> str | None:
         if value is None:
@@ -375,7 +460,8 @@ def read_tests(path: Path) -> TestsFile:
 
 def check_case(engine: Engine, case: Case) -> str | None:
     """Why `case` fails, or None when it passes."""
-    ev = engine.evaluate(case.role, case.sql)
+    user = default_user(engine.policy.roles[case.role], case.user)
+    ev = engine.evaluate(case.role, case.sql, user=user)
     got = "allow" if ev.allowed else "refuse"
     if got != case.expect:
         detail = f"{ev.sqlstate} {ev.message}" if not ev.allowed else _short(ev.sql or case.sql)

@@ -12,6 +12,7 @@ from proxy.errors import ConfigError
 from proxy.policy import ColumnRule, Limits, Policy, PolicyError, load_policy
 from proxy.policy.loader import YamlError, compose_marked, dotted
 from proxy.policy.model import STATEMENT_KINDS, pattern_matches
+from proxy.policy.validate import LIMIT_KEYS, ROLE_KEYS
 
 EXAMPLE = """\
 version: 1
@@ -102,10 +103,9 @@ def test_policy_error_is_a_config_error_listing_every_line(tmp_path: Path) -> No
     exc = info.value
     assert isinstance(exc, PolicyError)
     assert exc.errors == [
-        f"{path}:2:1: colour: unknown key (known: version, classify, roles)",
+        f"{path}:2:1: colour: unknown key (known: version, classify, decoys, roles)",
         f"{path}:1:10: version: unsupported version (this pgwarden reads 1)",
-        f"{path}:6:5: roles.support.colour: unknown key "
-        "(known: members, statements, tables, columns, limits, unrestricted)",
+        f"{path}:6:5: roles.support.colour: unknown key (known: {', '.join(ROLE_KEYS)})",
     ]
     assert str(exc) == "\n".join(exc.errors)
     assert exc.message == str(exc)
@@ -317,7 +317,7 @@ C = "10:14: roles.support.columns.email"
         (
             "{mask: email, lookp: equality}",
             "10:28: roles.support.columns.email.lookp",
-            "unknown key (known: mask, lookup, first, last)",
+            "unknown key (known: mask, lookup, first, last, per_user)",
         ),
         ("{lookup: equality}", C, "missing key mask (a mask name)"),
     ],
@@ -364,7 +364,7 @@ NOTHING = "a restricted role with no {0} could do nothing (list {0}, or set unre
         (
             "    statements: [select]\n    tables: [public.customers]\n    limits: {burst: 5}\n",
             ["9:14: roles.support.limits.burst: unknown key "
-             "(known: rows_per_query, rows_per_hour, rows_per_day, on_exceed)"],
+             f"(known: {', '.join(LIMIT_KEYS)})"],
         ),
         (
             "    unrestricted: true\n    statements: [all]\n    columns: {email: allow}\n",

@@ -255,7 +255,7 @@ def test_open_creates_the_versioned_schema_once(
         return [*found, third.migrated_from], [r["version"] for r in versions]
 
     migrated, versions = run(scenario())
-    assert versions == [VERSION] == [1]
+    assert versions == list(range(1, VERSION + 1)) == [1, 2]
     assert migrated == [0, None, None]  # exactly one open created it
 
 
@@ -267,15 +267,15 @@ def test_a_newer_schema_version_is_refused(pg: PgServer, fresh_db: str, tmp_path
             pass
         conn = await asyncpg.connect(fresh_db, timeout=10)
         try:
-            await conn.execute("INSERT INTO pgwarden.ledger_version (version) VALUES (2)")
+            await conn.execute("INSERT INTO pgwarden.ledger_version (version) VALUES (3)")
         finally:
             await conn.close()
         await Ledger(settings).open()
 
     with pytest.raises(LedgerSchemaError) as caught:
         run(scenario())
-    assert caught.value.found == 2
-    assert "version 2, newer than this pgwarden understands (1)" in caught.value.message
+    assert caught.value.found == 3
+    assert "version 3, newer than this pgwarden understands (2)" in caught.value.message
 
 
 # --- windows, sharing, durability --------------------------------------------------------

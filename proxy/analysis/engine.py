@@ -19,7 +19,8 @@ harmless settings, SHOW, FETCH, ...) is deparsed from PostgreSQL's own parse.
 Any parse error, recursion error, unknown node or unexpected failure is a refusal:
 `evaluate` never raises for a client's input. Verdicts are cached by (role, text);
 the engine is rebuilt on every policy or schema reload, so the cache never
-outlives either.
+outlives either. A role whose rewrite depends on the user (`:user` in a row filter,
+a per-user hash) is analysed and cached per user: its key is (role, user, text).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sqlglot.errors import ErrorLevel, SqlglotError
 from proxy.analysis.allowlists import SAFE_SETTINGS
 from proxy.analysis.catalog import Snapshot
 from proxy.analysis.masks import quote_ident
+from proxy.analysis.records import RecordSpec, add_key_columns, merged
 from proxy.analysis.rewrite import Rewriter
 from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView
@@ -84,6 +86,7 @@ class Evaluation:
     kinds: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()
     masked: tuple[str, ...] = ()  # tables read through masks
+    filtered: tuple[str, ...] = ()  # tables read through the role's row filter
     lookups: int = 0
     sqlstate: str = ""
     message: str = ""
@@ -97,6 +100,7 @@ class Evaluation:
     truncate: bool = False  # on_exceed: truncate (else reject)
     unknown_relation: bool = False  # refused because the snapshot lacks a relation
     internal: str = ""  # analysis failed unexpectedly: the exception type, for the log
+    records: RecordSpec | None = None  # record accounting of the result rows (hidden keys)
 
 
 @dataclass
@@ -104,12 +108,14 @@ class _Facts:
     kinds: list[str] = field(default_factory=list)
     tables: set[str] = field(default_factory=set)
     masked: set[str] = field(default_factory=set)
+    filtered: set[str] = field(default_factory=set)
     lookups: int = 0
     cursor_rows: bool = False  # FETCH: rows of a cursor whose query is not known here
     cursors: list[tuple[str, bool]] = field(default_factory=list)  # (name, declared here)
     single: bool = True  # the client's text holds one statement
     # per query: it reads catalog relations only (no row cap: they describe objects, not data)
     catalog: list[bool] = field(default_factory=list)
+    records: list[RecordSpec] = field(default_factory=list)  # per query showing records
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,21 +149,28 @@ class Engine:
         self.policy = policy
         self.snapshot = snapshot
         self.hash_key = hash_key
-        self._roles: dict[str, RoleView] = {}
+        self._roles: dict[tuple[str, str], RoleView] = {}
         self._forbidden: dict[str, frozenset[tuple[int, int]]] = {}
-        self._cache: OrderedDict[tuple[str, str, bool], Evaluation] = OrderedDict()
+        # (role, user or "" for a role that does not depend on it, text, extended)
+        self._cache: OrderedDict[tuple[str, str, str, bool], Evaluation] = OrderedDict()
         self._cache_size = cache_size
-        # (role, template text) -> the template's verdict and its rewrite as segments,
-        # or None when statements of that template are analysed one by one.
-        self._templates: OrderedDict[tuple[str, str], _Templated | None] = OrderedDict()
+        # (role, user or "", template text) -> the template's verdict and its rewrite as
+        # segments, or None when statements of that template are analysed one by one.
+        self._templates: OrderedDict[tuple[str, str, str], _Templated | None] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def role_view(self, role: str) -> RoleView:
-        view = self._roles.get(role)
+    def user_key(self, role: str, user: str) -> str:
+        """The user as far as `role`'s rewrites depend on it: `user`, or "" (one for all)."""
+        return user if self.policy.roles[role].per_user else ""
+
+    def role_view(self, role: str, user: str = "") -> RoleView:
+        key = (role, self.user_key(role, user))
+        view = self._roles.get(key)
         if view is None:
-            view = RoleView(self.policy, self.policy.roles[role], self.hash_key)
-            self._roles[role] = view
+            found = self.policy.roles[role]
+            view = RoleView(self.policy, found, self.hash_key, user=key[1], snapshot=self.snapshot)
+            self._roles[key] = view
         return view
 
     def forbidden_fields(self, role: str) -> frozenset[tuple[int, int]]:
@@ -174,48 +187,55 @@ class Engine:
             self._forbidden[role] = found
         return found
 
-    def evaluate(self, role: str, sql: str, *, extended: bool = False) -> Evaluation:
-        """The verdict for `sql` run by a member of `role` (cached)."""
-        key = (role, sql, extended)
+    def evaluate(
+        self, role: str, sql: str, *, extended: bool = False, user: str = ""
+    ) -> Evaluation:
+        """The verdict for `sql` run by `user`, a member of `role` (cached)."""
+        user = self.user_key(role, user)
+        key = (role, user, sql, extended)
         found = self._cache.get(key)
         if found is not None:
             self.hits += 1
             self._cache.move_to_end(key)
             return found
-        result = None if extended else self._from_template(role, sql)
+        result = None if extended else self._from_template(role, sql, user)
         if result is None:
             self.misses += 1
-            result = self._evaluate(role, sql, extended)
+            result = self._evaluate(role, sql, extended, user)
         self._cache[key] = result
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return result
 
-    def _from_template(self, role: str, sql: str) -> Evaluation | None:
+    def _from_template(self, role: str, sql: str, user: str) -> Evaluation | None:
         """The verdict of `sql` from its literal template (proxy/analysis/template.py)."""
         if self.policy.roles[role].unrestricted:
             return None
         shape = shape_of(sql)
         if shape is None:
             return None
-        key = (role, shape.template)
+        key = (role, user, shape.template)
         if key in self._templates:
             self.hits += 1
             self._templates.move_to_end(key)
             entry = self._templates[key]
         else:  # analysed once, as a statement with parameters (counted as the miss)
-            entry = _Templated.of(self.evaluate(role, shape.template, extended=True), shape)
+            verdict = self.evaluate(role, shape.template, extended=True, user=user)
+            entry = _Templated.of(verdict, shape)
             self._templates[key] = entry
             if len(self._templates) > self._cache_size:
                 self._templates.popitem(last=False)
         return None if entry is None else entry.fill(shape.literals)
 
-    def _evaluate(self, role: str, sql: str, extended: bool) -> Evaluation:
-        if self.policy.roles[role].unrestricted:
+    def _evaluate(self, role: str, sql: str, extended: bool, user: str = "") -> Evaluation:
+        found = self.policy.roles[role]
+        if found.unrestricted:
             return Evaluation(True, reasons=("role is unrestricted",))
         facts = _Facts()
         try:
-            view = self.role_view(role)
+            if found.per_user and not user:  # a per-user rewrite for nobody: fail closed
+                raise Refusal(f'pgwarden: role "{role}" needs a user; refused')
+            view = self.role_view(role, user)
             text = self._statements(view, sql, extended, facts)
         except Refusal as refusal:
             return _refused(refusal, facts)
@@ -233,6 +253,7 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - fail closed on anything unexpected
             return replace(_refused(_unexpected(error), facts), internal=type(error).__name__)
         reasons = [f"{t} read through masks" for t in sorted(facts.masked)]
+        reasons += [f"{t} read through the role's row filter" for t in sorted(facts.filtered)]
         reasons += (
             [f"{facts.lookups} equality look-up(s) pushed to the raw column"]
             if facts.lookups
@@ -244,12 +265,14 @@ class Engine:
             kinds=tuple(facts.kinds),
             tables=tuple(sorted(facts.tables)),
             masked=tuple(sorted(facts.masked)),
+            filtered=tuple(sorted(facts.filtered)),
             lookups=facts.lookups,
             reasons=tuple(reasons) or ("every table and column is visible to the role",),
             cap=None if _catalog_only(facts) else view.rows_per_query,
             truncate=view.truncates,
             classified=facts.cursor_rows or any(t in self.policy.classify for t in facts.tables),
             cursor=facts.cursors[0] if len(facts.kinds) == 1 and facts.cursors else None,
+            records=merged(facts.records),
         )
 
     # --- statements --------------------------------------------------------------
@@ -273,7 +296,9 @@ class Engine:
             self._require(role, kind, facts)
             for nested in _nested_kinds(stmt) - {kind}:  # WITH x AS (DELETE ...) SELECT ...
                 self._require(role, nested, facts)
-            return self._query(role, stmt, facts, limit=_one_more(role.rows_per_query))
+            return self._query(
+                role, stmt, facts, limit=_one_more(role.rows_per_query), rows=kind == "select"
+            )
         if isinstance(stmt, ast.CopyStmt):
             return self._copy(role, stmt, facts)
         if isinstance(stmt, ast.DeclareCursorStmt):
@@ -282,7 +307,7 @@ class Engine:
             # crossing); inside a longer Query it is not tracked, so it is cut at the cap.
             cap = role.rows_per_query
             limit = _one_more(cap) if facts.single else cap
-            text = self._query(role, stmt.query, facts, limit=limit)
+            text = self._query(role, stmt.query, facts, limit=limit, rows=True)
             stmt.query = pglast.parse_sql(text)[0].stmt
             facts.cursors.append((str(stmt.portalname), True))
             return deparse(stmt)
@@ -311,7 +336,14 @@ class Engine:
         facts.kinds.append(kind)
 
     def _query(
-        self, role: RoleView, stmt: PgNode, facts: _Facts, *, limit: int | None = None
+        self,
+        role: RoleView,
+        stmt: PgNode,
+        facts: _Facts,
+        *,
+        limit: int | None = None,
+        rows: bool = False,
+        keyable: bool = True,
     ) -> str:
         if isinstance(stmt, ast.SelectStmt) and (stmt.intoClause or stmt.lockingClause):
             raise Refusal(
@@ -326,13 +358,17 @@ class Engine:
             raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601") from error
         if isinstance(tree, exp.Command) or tree is None:
             raise Refusal(_PARSE_MESSAGE, PARSE_HINT, sqlstate="42601")
-        rewriter = Rewriter(role, self.snapshot)
+        accounting = rows and self.policy.accounts_records(role.role)
+        rewriter = Rewriter(role, self.snapshot, records=accounting)
         rewritten: exp.Expr = rewriter.run(cast("exp.Expression", tree))
+        if accounting:
+            rewritten = self._account(rewritten, rewriter, facts, keyable=keyable and facts.single)
         catalog = bool(rewriter.outcome.tables) and not rewriter.outcome.data
         if limit is not None and isinstance(rewritten, exp.Query) and not catalog:
             rewritten = _capped(rewritten, limit)
         facts.tables |= rewriter.outcome.tables
         facts.masked |= rewriter.outcome.protected
+        facts.filtered |= rewriter.outcome.filtered
         facts.lookups += rewriter.outcome.lookups
         try:
             text = rewritten.sql(
@@ -345,6 +381,32 @@ class Engine:
         # sqlglot saw catalog relations alone, so an uncapped statement is never cut short)
         facts.catalog.append(catalog and reads_catalog_only(checked))
         return text
+
+    def _account(
+        self, root: exp.Expr, rewriter: Rewriter, facts: _Facts, *, keyable: bool
+    ) -> exp.Expr:
+        """Hidden key columns for record accounting (proxy/analysis/records.py)."""
+        outcome = rewriter.outcome
+        root, spec = add_key_columns(
+            cast("exp.Expression", root),
+            outcome.keyed,
+            outcome.unkeyed,
+            keyable=keyable,
+            lookup=outcome.lookups > 0,
+        )
+        if spec is None:
+            return root
+        blind = sorted(spec.blind & set(self.policy.decoys))
+        if blind:
+            raise Refusal(
+                f"pgwarden: rows of {', '.join(blind)} cannot be accounted record by record "
+                "in this form; refused",
+                "Select from the table directly: no DISTINCT, UNION, WITH query, subquery in "
+                "FROM or COPY, one statement per query.",
+                sqlstate="0A000",
+            )
+        facts.records.append(spec)
+        return root
 
     def _copy(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:
         if stmt.filename is not None or stmt.is_program:
@@ -374,7 +436,9 @@ class Engine:
             columns = ", ".join(quote_ident(c.sval) for c in stmt.attlist or ()) or "*"
             table = deparse(stmt.relation)
             query = pglast.parse_sql(f"SELECT {columns} FROM {table}")[0].stmt  # noqa: S608 - deparsed names
-        text = self._query(role, query, facts, limit=_one_more(role.rows_per_query))
+        text = self._query(
+            role, query, facts, limit=_one_more(role.rows_per_query), rows=True, keyable=False
+        )
         stmt.query = pglast.parse_sql(text)[0].stmt
         stmt.relation = None
         stmt.attlist = None

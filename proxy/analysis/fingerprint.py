@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import pglast
+from pglast.parser import ParseError as PgParseError
 from pglast.parser import normalize, scan
 
 FINGERPRINT_MAX = 2000
@@ -28,10 +30,47 @@ def fingerprint(sql: str) -> str:
         tokens = scan(normalized)
     except Exception:  # noqa: BLE001 - any failure: say nothing of the text
         return UNPARSABLE
-    raw = normalized.encode()
     parts = []
-    for token in tokens:
+    for token in tokens:  # pglast's scanner gives character offsets (not bytes)
         if token.name in _SKIP:
             continue
-        parts.append("?" if token.name == "PARAM" else raw[token.start : token.end + 1].decode())
+        parts.append("?" if token.name == "PARAM" else normalized[token.start : token.end + 1])
     return " ".join(parts)[:FINGERPRINT_MAX]
+
+
+# --- replay: a fingerprint back into a statement with parameters -----------------------
+
+
+def _not_a_statement(shape: str) -> str:
+    if not shape:
+        return "no fingerprint was recorded"
+    if shape == UNPARSABLE:
+        return "the statement could not be scanned when it was recorded"
+    if len(shape) >= FINGERPRINT_MAX:
+        return f"the fingerprint was cut at {FINGERPRINT_MAX} characters"
+    return ""
+
+
+def replay_text(shape: str) -> tuple[str, int] | str:
+    """(the statement with `$1..$n` for each `?`, how many statements), or why not."""
+    why = _not_a_statement(shape)
+    if why:
+        return why
+    try:
+        tokens = scan(shape)
+    except PgParseError:
+        return "the fingerprint cannot be scanned"
+    pieces, at, n = [], 0, 0
+    for token in tokens:  # character offsets
+        if token.name == "Op" and shape[token.start : token.end + 1] == "?":
+            n += 1
+            pieces += [shape[at : token.start], f"${n}"]
+            at = token.end + 1
+    text = "".join(pieces) + shape[at:]
+    try:
+        statements = len(pglast.parse_sql(text))
+    except PgParseError:
+        return "a ? stands where no value can (an operator such as jsonb ?), or it does not parse"
+    except RecursionError:
+        return "the statement is nested too deeply"
+    return text, statements

@@ -17,6 +17,9 @@ Rules:
   the built-in sha256(); the first 16 hex digits (64 bits) are shown. Equal
   values hash equally, so joins and count(DISTINCT) still work. The key reaches
   the database only inside the statement text (as the HMAC inner and outer pads).
+* hash with per_user: the same, under a key derived from the configured key and the
+  user's name (`per_user_key`), so two users' hashes of one value differ and a
+  leaked file of hashes names whose key made it (`pgwarden trace`).
 """
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ def mask_sql(rule: ColumnRule, column: str, column_type: str, hash_key: bytes | 
         )
         return f"LEFT(ENCODE({digest}, 'hex'), 16)"
     raise ValueError(f"unknown mask {mask!r}")
+
+
+PER_USER_CONTEXT = b"pgwarden per-user hash\0"
+
+
+def per_user_key(key: bytes, user: str) -> bytes:
+    """The hash key of `user` for `hash: {per_user: true}`: HMAC(key, context || user)."""
+    return hmac.new(key, PER_USER_CONTEXT + user.encode(), hashlib.sha256).digest()
 
 
 def hash_value(value: str, key: bytes) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 from sqlglot import exp
 
@@ -74,8 +75,12 @@ class Outcome:
 
     tables: set[str] = field(default_factory=set)
     protected: set[str] = field(default_factory=set)  # tables read through a mask
+    filtered: set[str] = field(default_factory=set)  # tables read through a row filter
     lookups: int = 0
     data: bool = False  # reads a relation outside the catalog schemas (user data)
+    # Record accounting (proxy/analysis/records.py), filled when asked for:
+    keyed: list[tuple[str, list[exp.Column]]] = field(default_factory=list)  # top FROM items
+    unkeyed: set[str] = field(default_factory=set)  # classified tables shown without keys
 
 
 _SCOPES = (exp.Select, exp.Update, exp.Delete)
@@ -85,9 +90,10 @@ _CONST = (exp.Literal, exp.Placeholder, exp.Parameter, exp.Null, exp.Boolean)
 class Rewriter:
     """Rewrites one parsed statement in place for one role."""
 
-    def __init__(self, role: RoleView, snapshot: Snapshot) -> None:
+    def __init__(self, role: RoleView, snapshot: Snapshot, *, records: bool = False) -> None:
         self.role = role
         self.snapshot = snapshot
+        self.records = records  # find the key columns of the records each result row shows
         self.outcome = Outcome()
         self._sources: dict[int, list[Source]] = {}  # id(scope node) -> its FROM items
         self._by_table: dict[int, Source] = {}  # id(exp.Table) -> Source
@@ -110,10 +116,50 @@ class Rewriter:
             if isinstance(star.parent, exp.Select) and star.arg_key == "expressions":
                 self._check_star(star, "")
         self._push_lookups(root)
+        if self.records:
+            self._locate_records(root)
         for source in list(self._by_table.values()):
             if source.rewritten:
                 self._replace(source)
         return root
+
+    # --- record accounting ---------------------------------------------------------
+
+    def _locate_records(self, root: exp.Expression) -> None:
+        """Which classified FROM items the result rows show, and their key columns.
+
+        A classified table read as a FROM item of the top-level SELECT is keyed: each
+        result row shows one of its records, named by its primary key (visible raw to
+        the role). One read only inside a WHERE, HAVING or JOIN ... ON condition shows
+        no record (it filters). Anywhere else (a subquery in FROM, a CTE, a set
+        operation, a scalar subquery in the select list, a key the role may not see)
+        its records are shown but cannot be named: `unkeyed`.
+        """
+        classify = self.role.policy.classify
+        top = self._sources.get(id(root), []) if isinstance(root, exp.Select) else []
+        for source in self._by_table.values():
+            relation = source.relation
+            if relation is None or relation.qualified not in classify:
+                continue
+            if any(source is t for t in top):
+                keys = self._key_columns(source)
+                if keys is not None:
+                    self.outcome.keyed.append((relation.qualified, keys))
+                    continue
+            elif _filter_only(source.node, root):
+                continue
+            self.outcome.unkeyed.add(relation.qualified)
+
+    def _key_columns(self, source: Source) -> list[exp.Column] | None:
+        relation = source.relation
+        assert relation is not None
+        pk = relation.primary_key
+        visible = {b: v for v, b in source.base.items()}
+        if not pk or any(k not in visible for k in pk):
+            return None
+        if source.view is not None and any(source.view.protected_column(k) for k in pk):
+            return None
+        return [exp.column(visible[k], table=source.alias, quoted=True) for k in pk]
 
     # --- relations ---------------------------------------------------------------
 
@@ -144,11 +190,15 @@ class Rewriter:
         table.set("db", exp.to_identifier(relation.schema))
         view = self.role.visibility(relation)
         alias = ident_name(table.args["alias"].this) if table.alias else relation.name
-        source = Source(alias, table, relation, view if view.protected else None)
+        source = Source(alias, table, relation, view if view.derived else None)
         self._fill_columns(source, table, relation)
         self._by_table[id(table)] = source
         if source.rewritten:
-            self.outcome.protected.add(relation.qualified)
+            self.role.check_filter(view)
+            if view.protected:
+                self.outcome.protected.add(relation.qualified)
+            if view.filtered:
+                self.outcome.filtered.add(relation.qualified)
             self._check_table_args(table, relation)
 
     def _is_cte(self, table: exp.Table, name: str) -> bool:
@@ -211,8 +261,10 @@ class Rewriter:
             if isinstance(node, (exp.Update, exp.Delete)):
                 target = self._target_source(node.this)
                 if target is not None and target.rewritten:
+                    assert target.view is not None
+                    what = "protected columns" if target.view.protected else "a row filter"
                     raise Refusal(
-                        f"pgwarden: {target.alias} has protected columns; "
+                        f"pgwarden: {target.alias} has {what}; "
                         f"{type(node).__name__.upper()} of it is refused",
                         "Your role may read this table only through its masks.",
                     )
@@ -479,6 +531,9 @@ class Rewriter:
             cond: exp.Expression = exp.In(this=raw_col, expressions=[v.copy() for v in values])
         else:
             cond = exp.EQ(this=raw_col, expression=values[0].copy())
+        if source.view.row_filter is not None:  # a look-up finds filtered-out rows never
+            fence = exp.Paren(this=source.view.row_filter.tree.copy())
+            cond = cast("exp.Expression", exp.and_(fence, cond, copy=False))
         inner = inner.where(cond, copy=False)
         visible = {b: v for v, b in source.base.items()}
         keys = [
@@ -545,8 +600,15 @@ class Rewriter:
         if table.args.get("sample") is not None:
             inner_table.set("sample", table.args["sample"])
         inner = exp.select(*projections, copy=False).from_(inner_table, copy=False)
-        if source.filters:
-            inner = inner.where(exp.and_(*source.filters, copy=False), copy=False)
+        conditions = list(source.filters)
+        if view.row_filter is not None:
+            conditions.insert(0, exp.Paren(this=view.row_filter.tree.copy()))
+            # OFFSET 0: PostgreSQL neither flattens this derived table nor pushes the
+            # statement's own conditions into it, so they only ever see filtered rows
+            # (a division by zero on a filtered-out row cannot happen, or be observed).
+            inner = inner.offset(0, copy=False)
+        if conditions:
+            inner = inner.where(exp.and_(*conditions, copy=False), copy=False)
         derived = exp.Subquery(
             this=inner, alias=exp.TableAlias(this=exp.to_identifier(source.alias, quoted=True))
         )
@@ -578,6 +640,19 @@ _PACKING_CLASS_NAMES: dict[type, str] = {
     exp.JSONBObjectAgg: "jsonb_object_agg()",
 }
 _PACKING_NAMES = frozenset({"jsonb_agg", "xmlagg", "json_agg", "string_agg", "array_agg"})
+
+
+def _filter_only(node: exp.Expression, root: exp.Expression) -> bool:
+    """`node` sits inside a WHERE, HAVING or JOIN ... ON condition (below `root`)."""
+    child: exp.Expr = node
+    parent = node.parent
+    while parent is not None and child is not root:
+        if isinstance(parent, (exp.Where, exp.Having)):
+            return True
+        if isinstance(parent, exp.Join) and child.arg_key == "on":
+            return True
+        child, parent = parent, parent.parent
+    return False
 
 
 def _packs(node: exp.Expr) -> bool:

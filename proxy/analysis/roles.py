@@ -23,9 +23,10 @@ from typing import cast
 from sqlglot import exp, parse_one
 
 from proxy.analysis.allowlists import CATALOG_RELATIONS
-from proxy.analysis.catalog import CATALOG_SCHEMAS, KIND_NAMES, Relation
-from proxy.analysis.masks import mask_sql
+from proxy.analysis.catalog import CATALOG_SCHEMAS, KIND_NAMES, Relation, Snapshot
+from proxy.analysis.masks import mask_sql, per_user_key
 from proxy.analysis.rewrite_errors import Refusal
+from proxy.analysis.row_filter import BoundFilter, FilterError, bind_filter
 from proxy.policy.model import ANY_TAG, ColumnRule, Policy, Role, pattern_matches
 
 _ALLOW = ColumnRule("allow")
@@ -39,6 +40,9 @@ class Visibility:
     relation: Relation
     rules: dict[str, ColumnRule]  # raw column -> rule, for classified columns only
     hash_key: bytes | None
+    user_key: bytes | None = None  # the per-user hash key (hash: per_user) of the view's user
+    row_filter: BoundFilter | None = None  # the role's row filter for this relation
+    filter_error: str | None = None  # the row filter cannot be bound: every read is refused
     denied_columns: list[str] = field(default_factory=list)
     _parsed: dict[str, exp.Expression | None] = field(default_factory=dict)
 
@@ -50,6 +54,16 @@ class Visibility:
     @property
     def protected(self) -> bool:
         return any(rule.action != "allow" for rule in self.rules.values())
+
+    @property
+    def filtered(self) -> bool:
+        """The role reads this relation through a row filter (or not at all)."""
+        return self.row_filter is not None or self.filter_error is not None
+
+    @property
+    def derived(self) -> bool:
+        """Every read of the relation goes through a derived table (masks or a filter)."""
+        return self.protected or self.filtered
 
     def rule(self, column: str) -> ColumnRule:
         return self.rules.get(column, _ALLOW)
@@ -72,7 +86,8 @@ class Visibility:
         if rule.action == "allow":
             return '"' + column.replace('"', '""') + '"'
         found = self.relation.column(column)
-        return mask_sql(rule, column, found.type if found else "text", self.hash_key)
+        key = self.user_key if rule.per_user else self.hash_key
+        return mask_sql(rule, column, found.type if found else "text", key)
 
     def projection(self, column: str) -> exp.Expression | None:
         """The projection as a fresh sqlglot tree (parsed once, copied per use)."""
@@ -90,11 +105,21 @@ class Visibility:
 class RoleView:
     """Answers analysis questions for one role under one policy."""
 
-    def __init__(self, policy: Policy, role: Role, hash_key: bytes | None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        role: Role,
+        hash_key: bytes | None,
+        *,
+        user: str = "",
+        snapshot: Snapshot | None = None,
+    ) -> None:
         self.policy = policy
         self.role = role
         self.name = role.name
         self.hash_key = hash_key
+        self.user = user  # set for a per-user role (Role.per_user); else ""
+        self.snapshot = snapshot  # resolves row filters; None: a filtered table is refused
         self._views: dict[str, Visibility] = {}
 
     @property
@@ -138,9 +163,37 @@ class RoleView:
     def visibility(self, relation: Relation) -> Visibility:
         found = self._views.get(relation.qualified)
         if found is None:
-            found = Visibility(relation, self._rules(relation), self.hash_key)
+            user_key = None
+            if self.hash_key is not None and self.user:
+                user_key = per_user_key(self.hash_key, self.user)
+            found = Visibility(relation, self._rules(relation), self.hash_key, user_key)
+            self._bind_filter(found)
             self._views[relation.qualified] = found
         return found
+
+    def _bind_filter(self, view: Visibility) -> None:
+        text = self.role.row_filter.get(view.relation.qualified)
+        if text is None:
+            return
+        if self.snapshot is None:
+            view.filter_error = "no schema to resolve it against"
+            return
+        try:
+            view.row_filter = bind_filter(
+                text, view.relation, self.snapshot, user=self.user, role=self.name
+            )
+        except FilterError as error:
+            view.filter_error = str(error)
+
+    def check_filter(self, view: Visibility) -> None:
+        """Refuse a read of a relation whose row filter could not be bound (fail closed)."""
+        if view.filter_error is not None:
+            raise Refusal(
+                f'pgwarden: the row filter of role "{self.name}" on '
+                f"{view.relation.qualified} cannot be applied ({view.filter_error}); refused",
+                "The policy's row_filter does not match the schema; run "
+                "`pgwarden check --schema` and fix the policy.",
+            )
 
     def _rules(self, relation: Relation) -> dict[str, ColumnRule]:
         tags = self.policy.classify.get(relation.qualified, {})

@@ -12,6 +12,10 @@ the statement that reaches the database must pass here:
 * every relation with protected columns appears only as the single FROM item of a
   select that projects exactly the role's masks (the derived table), or of a
   primary-key look-up select whose filter compares look-up columns with constants.
+* a relation with a row filter for the role, likewise; and the WHERE of its derived
+  table or look-up starts with exactly the role's filter (ANDed with look-ups only),
+  its derived table is fenced with OFFSET 0, and relations inside that filter (the
+  policy's text, compared node for node) are only required to be readable.
 """
 
 from __future__ import annotations
@@ -161,8 +165,40 @@ class Verifier:
             raise _broken(f"unknown relation {node.schemaname}.{node.relname}")
         self.role.authorise(relation)
         view = self.role.visibility(relation)
-        if view.protected and not self._is_masked_read(node, parents, view):
+        if not view.derived or self._in_row_filter(parents):
+            return
+        if not self._is_masked_read(node, parents, view):
             raise _broken(f"{relation.qualified} read outside its mask")
+
+    def _in_row_filter(self, parents: tuple[PgNode, ...]) -> bool:
+        """Inside the role's own row filter of the derived table or look-up around it."""
+        for index, select in enumerate(parents):
+            if not isinstance(select, ast.SelectStmt) or not select.whereClause:
+                continue
+            view = self._filtered_from(select)
+            if view is None:
+                continue
+            expected = _filter_conjuncts(view)
+            actual = _conjuncts(select.whereClause)[: len(expected)]
+            if actual != expected:
+                continue
+            below = parents[index + 1 :]
+            if any(p is c for p in below for c in actual):
+                return True
+        return False
+
+    def _filtered_from(self, select: PgNode) -> Visibility | None:
+        items = tuple(select.fromClause or ())
+        item = items[0] if len(items) == 1 else None
+        if isinstance(item, ast.RangeTableSample):
+            item = item.relation
+        if not isinstance(item, ast.RangeVar) or not item.schemaname:
+            return None
+        relation = self.snapshot.resolve(item.schemaname, str(item.relname))
+        if relation is None:
+            return None
+        view = self.role.visibility(relation)
+        return view if view.row_filter is not None else None
 
     def _is_masked_read(self, node: PgNode, parents: tuple[PgNode, ...], view: Visibility) -> bool:
         holder: PgNode = node
@@ -174,13 +210,22 @@ class Verifier:
                 return not chain[-1].returningClause and not chain[-1].onConflictClause
             return False
         select = chain[-1]
-        if tuple(select.fromClause or ()) != (holder,) or not _plain(select):
+        if view.filter_error is not None or tuple(select.fromClause or ()) != (holder,):
             return False
         if _is_from_item(chain):  # the derived table, perhaps filtered by look-ups
-            where = select.whereClause
-            return self._is_derived(select, view) and (where is None or _lookup_tree(where, view))
+            if not _plain(select, fenced=view.row_filter is not None):
+                return False
+            rest = _after_filter(select.whereClause, view)
+            return (
+                self._is_derived(select, view)
+                and rest is not None
+                and all(_lookup_tree(c, view) for c in rest)
+            )
         return (
-            self._is_lookup(select, view) and len(chain) >= 2 and isinstance(chain[-2], ast.SubLink)
+            _plain(select)
+            and self._is_lookup(select, view)
+            and len(chain) >= 2
+            and isinstance(chain[-2], ast.SubLink)
         )
 
     def _is_derived(self, select: PgNode, view: Visibility) -> bool:
@@ -202,7 +247,10 @@ class Verifier:
         names = [_column_name(t) for t in targets]
         if not pk or names != list(pk) or any(view.protected_column(k) for k in pk):
             return False
-        return _lookup_filter(select.whereClause, view)
+        rest = _after_filter(select.whereClause, view)
+        if view.row_filter is None:
+            return _lookup_filter(select.whereClause, view)
+        return rest is not None and len(rest) == 1 and _lookup_filter(rest[0], view)
 
 
 # Per Visibility (an identity-hashed object that lives as long as its Engine): the raw
@@ -231,7 +279,54 @@ def _expected_projections(view: Visibility) -> tuple[frozenset[str], tuple[PgNod
     return found
 
 
-def _plain(select: PgNode) -> bool:
+def _conjuncts(node: PgNode) -> list[PgNode]:
+    """The top-level AND operands of a condition (libpg_query flattens a AND b AND c)."""
+    if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.AND_EXPR:
+        return list(node.args or ())
+    return [node]
+
+
+# Per Visibility, like _EXPECTED: the parsed conjuncts of the role's row filter.
+_FILTERS: WeakKeyDictionary[Visibility, list[PgNode]] = WeakKeyDictionary()
+
+
+def _filter_conjuncts(view: Visibility) -> list[PgNode]:
+    found = _FILTERS.get(view)
+    if found is None:
+        assert view.row_filter is not None
+        select: PgNode = parse_sql(f"SELECT 1 WHERE ({view.row_filter.sql})")[0].stmt
+        found = _conjuncts(select.whereClause)
+        _FILTERS[view] = found
+    return found
+
+
+def _after_filter(where: PgNode, view: Visibility) -> list[PgNode] | None:
+    """The conjuncts of `where` after the role's row filter; None when it lacks the filter."""
+    if view.row_filter is None:
+        return [] if where is None else [where]
+    if where is None:
+        return None
+    expected = _filter_conjuncts(view)
+    actual = _conjuncts(where)
+    if actual[: len(expected)] != expected:
+        return None
+    return actual[len(expected) :]
+
+
+def _fence(select: PgNode) -> bool:
+    """OFFSET 0 and no LIMIT: the derived table is planned on its own."""
+    offset = select.limitOffset
+    return (
+        select.limitCount is None
+        and isinstance(offset, ast.A_Const)
+        and isinstance(offset.val, ast.Integer)
+        and offset.val.ival == 0
+    )
+
+
+def _plain(select: PgNode, *, fenced: bool = False) -> bool:
+    if fenced and not _fence(select):
+        return False
     return not (
         select.withClause
         or select.distinctClause
@@ -240,7 +335,7 @@ def _plain(select: PgNode) -> bool:
         or select.windowClause
         or select.sortClause
         or select.limitCount
-        or select.limitOffset
+        or (select.limitOffset and not fenced)
         or select.valuesLists
         or select.intoClause
         or select.lockingClause

@@ -11,6 +11,14 @@ Schema (versioned, created on first open, no manual step):
 
     pgwarden.ledger_version(version int PRIMARY KEY, applied_at timestamptz)
     pgwarden.quota_usage(usr text, bucket timestamptz, rows bigint, PRIMARY KEY (usr, bucket))
+    pgwarden.records_seen(usr text, rec bigint, last_seen timestamptz, PRIMARY KEY (usr, rec))
+    pgwarden.locks(usr text PRIMARY KEY, locked_at timestamptz, reason text, details jsonb)
+    pgwarden.alerts(usr text, at timestamptz, kind text, tbl text, count int, threshold int)
+
+records_seen holds, per user, one row per record (a 64-bit digest of table and
+primary key, never the key itself) with the last time it was shown: the
+distinct-record budgets count the rows newer than each window's start
+(proxy/net/records.py). Rows older than the longest window (30 days) are pruned.
 
 `open()` takes a transaction-scoped advisory lock, so processes starting
 together migrate one at a time, applies the migrations the database lacks and
@@ -54,7 +62,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 SCHEMA = "pgwarden"
-VERSION = 1
+VERSION = 2
 LOCK_KEY = 0x70677764  # "pgwd": the advisory lock that serialises migrations
 APPLICATION_NAME = "pgwarden ledger"
 POOL_MIN, POOL_MAX = 1, 4
@@ -69,7 +77,29 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
               PRIMARY KEY (usr, bucket))""",
         "CREATE INDEX IF NOT EXISTS quota_usage_bucket ON pgwarden.quota_usage (bucket)",
     ),
+    2: (
+        """CREATE TABLE IF NOT EXISTS pgwarden.records_seen (
+              usr text NOT NULL,
+              rec bigint NOT NULL,
+              last_seen timestamptz NOT NULL,
+              PRIMARY KEY (usr, rec))""",
+        "CREATE INDEX IF NOT EXISTS records_seen_last ON pgwarden.records_seen (last_seen)",
+        """CREATE TABLE IF NOT EXISTS pgwarden.locks (
+              usr text PRIMARY KEY,
+              locked_at timestamptz NOT NULL,
+              reason text NOT NULL,
+              details jsonb NOT NULL DEFAULT '{}')""",
+        """CREATE TABLE IF NOT EXISTS pgwarden.alerts (
+              usr text NOT NULL,
+              at timestamptz NOT NULL,
+              kind text NOT NULL,
+              tbl text NOT NULL,
+              count int NOT NULL,
+              threshold int NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS alerts_usr_at ON pgwarden.alerts (usr, at)",
+    ),
 }
+RECORDS_KEPT_S = 30 * 86400.0  # the longest records window: older rows are pruned
 
 _SCHEMA_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)"
 _VERSION_TABLE = """CREATE TABLE IF NOT EXISTS pgwarden.ledger_version (
@@ -97,6 +127,33 @@ GROUP BY usr ORDER BY usr"""
 _PRUNE = """WITH gone AS (DELETE FROM pgwarden.quota_usage WHERE bucket <= $1 RETURNING 1)
 SELECT count(*) FROM gone"""
 _RESET = """WITH gone AS (DELETE FROM pgwarden.quota_usage WHERE usr = $1 RETURNING 1)
+SELECT count(*) FROM gone"""
+
+_SEEN = """SELECT rec, extract(epoch FROM last_seen)::float8 AS at
+FROM pgwarden.records_seen WHERE usr = $1 AND last_seen > to_timestamp($2)"""
+_MARK_SEEN = """INSERT INTO pgwarden.records_seen (usr, rec, last_seen)
+SELECT $1, r, to_timestamp(t) FROM unnest($2::int8[], $3::float8[]) AS u(r, t)
+ON CONFLICT (usr, rec) DO UPDATE
+SET last_seen = greatest(records_seen.last_seen, EXCLUDED.last_seen)"""
+_PRUNE_SEEN = """WITH gone AS (
+    DELETE FROM pgwarden.records_seen WHERE last_seen <= to_timestamp($1) RETURNING 1)
+SELECT count(*) FROM gone"""
+_LOCK = """INSERT INTO pgwarden.locks (usr, locked_at, reason, details)
+VALUES ($1, to_timestamp($2), $3, $4::jsonb) ON CONFLICT (usr) DO NOTHING"""
+_LOCK_OF = """SELECT extract(epoch FROM locked_at)::float8 AS at, reason, details::text AS details
+FROM pgwarden.locks WHERE usr = $1"""
+_UNLOCK = (
+    "WITH gone AS (DELETE FROM pgwarden.locks WHERE usr = $1 RETURNING 1) SELECT count(*) FROM gone"
+)
+_ALERT = """INSERT INTO pgwarden.alerts (usr, at, kind, tbl, count, threshold)
+VALUES ($1, to_timestamp($2), $3, $4, $5, $6)"""
+_ALERTS_OF = """SELECT extract(epoch FROM at)::float8 AS at, kind, tbl, count, threshold
+FROM pgwarden.alerts WHERE usr = $1 ORDER BY at DESC LIMIT $2"""
+_SEEN_COUNTS = """SELECT count(*) FILTER (WHERE last_seen > to_timestamp($2))::int8 AS day,
+       count(*) FILTER (WHERE last_seen > to_timestamp($3))::int8 AS week,
+       count(*) FILTER (WHERE last_seen > to_timestamp($4))::int8 AS month
+FROM pgwarden.records_seen WHERE usr = $1"""
+_RESET_SEEN = """WITH gone AS (DELETE FROM pgwarden.records_seen WHERE usr = $1 RETURNING 1)
 SELECT count(*) FROM gone"""
 
 # Errors that mean "the ledger cannot be used now"; all become LedgerUnavailable.
@@ -215,6 +272,59 @@ class Ledger:
     async def reset(self, user: str) -> int:
         """Delete all of `user`'s buckets; returns how many there were."""
         return int(await self._run(lambda c: c.fetchval(_RESET, user)))
+
+    # --- records, locks and alerts (proxy/net/records.py) --------------------------------
+
+    async def seen(self, user: str, since: float) -> list[tuple[int, float]]:
+        """(record digest, last shown, epoch seconds) of `user`'s records shown after `since`."""
+        rows = await self._run(lambda c: c.fetch(_SEEN, user, since))
+        return [(int(r["rec"]), float(r["at"])) for r in rows]
+
+    async def mark_seen(self, user: str, records: dict[int, float]) -> None:
+        """Record that `user` was shown these records at these times (epoch seconds)."""
+        if not records:
+            return
+        recs, times = list(records), list(records.values())
+        await self._run(lambda c: c.execute(_MARK_SEEN, user, recs, times))
+
+    async def seen_counts(self, user: str, now: float) -> dict[str, int]:
+        """Distinct records shown to `user` in the last 24 h, 7 days and 30 days."""
+        day = 86400.0
+        row = await self._run(
+            lambda c: c.fetchrow(_SEEN_COUNTS, user, now - day, now - 7 * day, now - 30 * day)
+        )
+        assert row is not None
+        return {"day": int(row["day"]), "7d": int(row["week"]), "30d": int(row["month"])}
+
+    async def prune_seen(self, before: float) -> int:
+        return int(await self._run(lambda c: c.fetchval(_PRUNE_SEEN, before)))
+
+    async def reset_seen(self, user: str) -> int:
+        return int(await self._run(lambda c: c.fetchval(_RESET_SEEN, user)))
+
+    async def lock(self, user: str, at: float, reason: str, details: str) -> None:
+        """Lock `user` (a JSON `details` text); a user already locked keeps the first lock."""
+        await self._run(lambda c: c.execute(_LOCK, user, at, reason, details))
+
+    async def lock_of(self, user: str) -> tuple[float, str, str] | None:
+        """(locked at, reason, details JSON) when `user` is locked."""
+        row = await self._run(lambda c: c.fetchrow(_LOCK_OF, user))
+        return None if row is None else (float(row["at"]), str(row["reason"]), str(row["details"]))
+
+    async def unlock(self, user: str) -> bool:
+        return bool(await self._run(lambda c: c.fetchval(_UNLOCK, user)))
+
+    async def alert(
+        self, user: str, at: float, kind: str, table: str, *, count: int, threshold: int
+    ) -> None:
+        await self._run(lambda c: c.execute(_ALERT, user, at, kind, table, count, threshold))
+
+    async def alerts_of(self, user: str, limit: int = 5) -> list[tuple[float, str, str, int, int]]:
+        rows = await self._run(lambda c: c.fetch(_ALERTS_OF, user, limit))
+        return [
+            (float(r["at"]), str(r["kind"]), str(r["tbl"]), int(r["count"]), int(r["threshold"]))
+            for r in rows
+        ]
 
     # --- internals -------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from proxy.net.catalog import SchemaKeeper
 from proxy.net.ledger import Ledger
 from proxy.net.metrics import Metrics
 from proxy.net.quotas import QuotaBook
+from proxy.net.records import RecordBook
 from proxy.net.throttle import LoginThrottle
 from proxy.net.upstream import open_upstream, send_cancel, upstream_ssl_context
 from proxy.net.workers import (
@@ -52,7 +53,7 @@ from proxy.net.workers import (
 from proxy.policy import Policy, load_policy
 from proxy.policy.model import Limits, policy_changes
 from proxy.quota import LedgerUnavailable, has_quota
-from proxy.session.gate import Gate, Principal, gate_for
+from proxy.session.gate import Gate, Principal, gate_for, locked_error
 from proxy.session.machine import (
     Cancel,
     Close,
@@ -117,16 +118,22 @@ def require_hash_key(settings: Settings, policy: Policy) -> None:
 _JOIN_BELOW = 64 * 1024
 
 _ERROR_EVENTS = frozenset({"backstop.tripped", "analysis.failed"})
+_CRITICAL_EVENTS = frozenset({"decoy.touched", "user.locked"})
 
 
 class GateSources:
-    """What a PolicyGate reads: the current engine, and the quota book."""
+    """What a PolicyGate reads: the current engine, the quota book and the record book."""
 
-    __slots__ = ("_quotas", "_schema")
+    __slots__ = ("_quotas", "_records", "_schema")
 
-    def __init__(self, schema: SchemaKeeper, quotas: QuotaBook) -> None:
+    def __init__(self, schema: SchemaKeeper, quotas: QuotaBook, records: RecordBook) -> None:
         self._schema = schema
         self._quotas = quotas
+        self._records = records
+
+    @property
+    def records(self) -> RecordBook:
+        return self._records
 
     @property
     def engine(self) -> Engine | None:
@@ -169,7 +176,10 @@ class Server:
         self.quotas.observe = self.metrics.observe
         if link is not None:
             self.quotas.relay = link.charge
-        self.sources = GateSources(self.schema, self.quotas)
+        self.records = RecordBook(self.quotas.ledger, self.log)
+        self.records.observe = self.metrics.observe
+        self.records.on_lock = self.end_sessions_of
+        self.sources = GateSources(self.schema, self.quotas, self.records)
         self.client_ssl = client_ssl_context(settings)
         self.upstream_ssl = upstream_ssl_context(settings.upstream)
         self.throttle = LoginThrottle(settings.auth.max_failures, settings.auth.failure_window_s)
@@ -197,13 +207,21 @@ class Server:
         role = self.policy.role_of(user)
         if role is None:
             return None
-        principal = Principal(user, role.name, role.unrestricted)
+        shadow = role.mode == "shadow"  # enforces nothing: unguarded, no quotas
+        principal = Principal(user, role.name, role.unrestricted or shadow, shadow)
         if self.link is not None:  # counted over all workers, when connecting upstream
             return gate_for(principal, self.sources)
         if self.per_user.get(user, 0) >= self.settings.limits.max_connections_per_user:
             raise self.too_many_for(user, self.log)
         self.per_user[user] = self.per_user.get(user, 0) + 1
         return gate_for(principal, self.sources)
+
+    def end_sessions_of(self, user: str) -> None:
+        """A user was locked: every open session of theirs in this process ends now."""
+        for conn in list(self.connections.values()):
+            gate = conn.session.gate
+            if gate is not None and gate.principal.user == user and not conn.closed:
+                conn.locked_out()
 
     def too_many_for(self, user: str, log: Any) -> StartupRefused:
         """max_connections_per_user reached: log and count it; the error for the client."""
@@ -302,6 +320,7 @@ class Server:
             pid=os.getpid(),
         )
         housekeeping = asyncio.ensure_future(self._housekeeping())
+        self.spawn(self.records.prune_forever())
         watcher = asyncio.ensure_future(self._watch_files())
         metrics_server = None
         if self.link is not None:
@@ -450,6 +469,7 @@ class Server:
             await asyncio.wait(cancels, timeout=5)
         for conn in list(self.connections.values()):
             conn.abort("shutdown timeout")
+        await self.records.close(flush_s=5.0)  # records and locks reach the ledger
         await self.quotas.close(flush_s=5.0)  # charges reach the ledger before we exit
         if self.link is not None:
             self.link.close()
@@ -601,6 +621,8 @@ class ClientConnection(asyncio.Protocol):
                 self.log.info(event)
             elif event in _ERROR_EVENTS:
                 self.log.error(event, **fields)
+            elif event in _CRITICAL_EVENTS:
+                self.log.critical(event, **fields)
             else:  # auth.failed, upstream.error, limit.exceeded, quota.exhausted
                 if event == "auth.failed" and fields.get("reason") != "no role":
                     self.server.throttle.failed(self.address)
@@ -648,6 +670,14 @@ class ClientConnection(asyncio.Protocol):
             role = server.policy.roles.get(gate.principal.role)
             if role is not None and has_quota(role.limits):
                 await server.quotas.load(gate.principal.user)
+            budgets = role is not None and role.limits is not None and role.limits.record_budgets()
+            await server.records.load(gate.principal.user, records=bool(budgets))
+            if server.records.locked(gate.principal.user) is not None and not self.closed:
+                self.log.warning("conn.refused", reason="locked", user=gate.principal.user)
+                locked = locked_error(gate.principal.user)
+                self.session.login_refused(StartupRefused(locked.message, hint=locked.hint))
+                self.drain()
+                return
         if gate is not None and server.link is not None and not await self._count_user(gate):
             return
         try:
@@ -708,6 +738,15 @@ class ClientConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         self.session.request_shutdown()
         self.drain()
+
+    def locked_out(self) -> None:
+        """The user was locked: end this session (soon: never inside another's callback)."""
+        asyncio.get_running_loop().call_soon(self._end_locked)
+
+    def _end_locked(self) -> None:
+        if not self.closed:
+            self.session.locked_out()
+            self.drain()
 
     def abort(self, reason: str) -> None:
         if self.transport is not None:

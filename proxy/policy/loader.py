@@ -100,5 +100,6 @@ def _parse(raw: bytes, source: Path) -> tuple[Policy, MarkedDocument]:
         roles=MappingProxyType(roles),
         version=SUPPORTED_VERSION,
         classify=MappingProxyType({t: MappingProxyType(c) for t, c in classify.items()}),
+        decoys=MappingProxyType(dict(checker.decoys)),
     )
     return policy, doc

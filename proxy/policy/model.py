@@ -29,6 +29,8 @@ Action = Literal["allow", "deny", "redact", "mask"]
 Mask = Literal["email", "last4", "initials", "hash", "partial"]
 Lookup = Literal["none", "equality"]
 OnExceed = Literal["reject", "truncate"]
+Mode = Literal["enforce", "shadow"]
+AlertAction = Literal["alert", "lock"]
 
 STATEMENT_KINDS: tuple[StatementKind, ...] = (
     "select",
@@ -44,6 +46,8 @@ ACTIONS: tuple[str, ...] = ("allow", "deny", "redact")
 MASKS: tuple[Mask, ...] = ("email", "last4", "initials", "hash", "partial")
 LOOKUPS: tuple[Lookup, ...] = ("none", "equality")
 ON_EXCEED: tuple[OnExceed, ...] = ("reject", "truncate")
+MODES: tuple[Mode, ...] = ("enforce", "shadow")
+ALERT_ACTIONS: tuple[AlertAction, ...] = ("alert", "lock")
 ANY_TAG = "*"
 
 
@@ -56,6 +60,7 @@ class ColumnRule:
     lookup: Lookup = "none"
     first: int | None = None
     last: int | None = None
+    per_user: bool = False  # hash: keyed per user (`pgwarden trace` tells whose key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,33 @@ class Limits:
     rows_per_hour: int | None = None
     rows_per_day: int | None = None
     on_exceed: OnExceed = "reject"
+    # distinct records (primary keys of classified tables) shown in a rolling window
+    records_per_day: int | None = None
+    records_per_7d: int | None = None
+    records_per_30d: int | None = None
+
+    def record_budgets(self) -> tuple[tuple[str, float, int], ...]:
+        """(name, window in seconds, budget) of every records_* limit set."""
+        out = []
+        for name, days in (("day", 1), ("7d", 7), ("30d", 30)):
+            budget = getattr(self, f"records_per_{name}")
+            if budget is not None:
+                out.append((name, days * 86400.0, budget))
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Alerts:
+    """Enumeration alert thresholds of a role (proxy/enumeration.py); None disables one."""
+
+    window_s: float = 3600.0
+    distinct_lookups: int | None = 100  # distinct records returned by look-ups in the window
+    id_run: int | None = 200  # consecutive integer keys of one table seen in the window
+    offset_pages: int | None = 10  # OFFSET pages bringing new records of one table
+    action: AlertAction = "alert"
+
+
+DEFAULT_ALERTS = Alerts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +111,20 @@ class Role:
     columns: Mapping[str, ColumnRule] = field(default_factory=lambda: MappingProxyType({}))
     limits: Limits | None = None
     unrestricted: bool = False
+    # shadow: statements pass through as for an unrestricted role; the log says what
+    # enforcement would have done (rolling out a policy, docs/policy.md)
+    mode: Mode = "enforce"
+    # table -> SQL predicate over it (placeholders :user, :role): rows outside it do not exist
+    row_filter: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def per_user(self) -> bool:
+        """Rewrites depend on the user, not only the role (:user in a filter, per-user hash)."""
+        return any(rule.per_user for rule in self.columns.values()) or any(
+            has_user_placeholder(text) for text in self.row_filter.values()
+        )
+
+    alerts: Alerts | None = DEFAULT_ALERTS  # None: `alerts: off`
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +136,8 @@ class Policy:
     roles: Mapping[str, Role]
     version: int = 1
     classify: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({}))
+    # table -> primary-key texts of planted records (as `key::text` prints them)
+    decoys: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
     _by_user: Mapping[str, Role] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +148,17 @@ class Policy:
         """The role `user` belongs to, or None (such a user is refused at login)."""
         return self._by_user.get(user)
 
+    def accounts_records(self, role: Role) -> bool:
+        """Whether `role`'s results are accounted record by record (hidden key columns).
+
+        So when the role has a records budget or enumeration alerts, or the policy
+        plants decoys; never for unrestricted roles.
+        """
+        if role.unrestricted:
+            return False
+        budgets = role.limits is not None and bool(role.limits.record_budgets())
+        return budgets or role.alerts is not None or bool(self.decoys)
+
     def uses_hash(self) -> bool:
         """True when some role hashes a column (the hash key is then required)."""
         return any(
@@ -109,6 +168,11 @@ class Policy:
     def classified_columns(self) -> int:
         """How many columns carry a tag."""
         return sum(len(columns) for columns in self.classify.values())
+
+
+def has_user_placeholder(text: str) -> bool:
+    """Whether a row filter names :user (a rough test: it only widens per-user caching)."""
+    return re.search(r":user\b", text) is not None
 
 
 def pattern_matches(pattern: str, table: str) -> bool:
@@ -134,10 +198,18 @@ def policy_changes(old: Policy, new: Policy) -> dict[str, object]:
             role["members_removed"] = sorted(before.members - after.members)
         if before.tables != after.tables:
             role["tables"] = list(after.tables)
-        if before.columns != after.columns or before.limits != after.limits:
+        if (
+            before.columns != after.columns
+            or before.limits != after.limits
+            or before.alerts != after.alerts
+        ):
             role["rules_changed"] = True
+        if before.mode != after.mode:
+            role["mode"] = after.mode
         if role:
             changes[name] = role
     if old.classify != new.classify:
         changes["classify_changed"] = True
+    if old.decoys != new.decoys:
+        changes["decoys_changed"] = True
     return changes

@@ -25,32 +25,60 @@ from typing import Any, cast
 from proxy.policy.marked import MarkedDocument, YamlPath, dotted, where
 from proxy.policy.model import (
     ACTIONS,
+    ALERT_ACTIONS,
     ANY_TAG,
+    DEFAULT_ALERTS,
     LOOKUPS,
     MASKS,
+    MODES,
     ON_EXCEED,
     STATEMENT_KINDS,
     Action,
+    AlertAction,
+    Alerts,
     ColumnRule,
     Limits,
     Lookup,
     Mask,
+    Mode,
     OnExceed,
     Role,
     StatementKind,
+    pattern_matches,
 )
 
 SUPPORTED_VERSION = 1
-TOP_KEYS = ("version", "classify", "roles")
-ROLE_KEYS = ("members", "statements", "tables", "columns", "limits", "unrestricted")
-RULE_KEYS = ("mask", "lookup", "first", "last")
-LIMIT_KEYS = ("rows_per_query", "rows_per_hour", "rows_per_day", "on_exceed")
-RESTRICTED_ONLY = ("statements", "tables", "columns", "limits")
+TOP_KEYS = ("version", "classify", "decoys", "roles")
+ROLE_KEYS = (
+    "members",
+    "statements",
+    "tables",
+    "columns",
+    "row_filter",
+    "limits",
+    "alerts",
+    "unrestricted",
+    "mode",
+)
+RULE_KEYS = ("mask", "lookup", "first", "last", "per_user")
+LIMIT_KEYS = (
+    "rows_per_query",
+    "rows_per_hour",
+    "rows_per_day",
+    "records_per_day",
+    "records_per_7d",
+    "records_per_30d",
+    "on_exceed",
+)
+_CAP_KEYS = tuple(k for k in LIMIT_KEYS if k != "on_exceed")
+ALERT_KEYS = ("window_s", "distinct_lookups", "id_run", "offset_pages", "action")
+RESTRICTED_ONLY = ("statements", "tables", "columns", "row_filter", "limits", "alerts", "mode")
 
 _IDENT = re.compile(r"[^\W\d][\w$]*")
 _PATTERN_PART = re.compile(r"(?:[^\W\d]|\*)[\w$*]*")
 
 Classify = dict[str, dict[str, str]]
+Decoys = dict[str, frozenset[str]]
 
 
 def is_identifier(name: object) -> bool:
@@ -97,6 +125,7 @@ class Checker:
         self.errors: list[str] = []
         self.owner: dict[str, str] = {}
         self.tags: set[str] = set()
+        self.decoys: Decoys = {}
 
     def error(self, path: YamlPath, message: str, *, key: bool = False) -> None:
         position = self.doc.position(path, key=key) or (1, 1)
@@ -111,7 +140,55 @@ class Checker:
         self.unknown_keys((), root, TOP_KEYS)
         self.version(root)
         classify = self.classify(root.get("classify", {}))
-        return classify, self.roles(root)
+        self.decoys = self.decoy_section(root.get("decoys", {}), classify)
+        roles = self.roles(root)
+        if self.decoys:
+            self.decoys_need_caps(roles)
+        return classify, roles
+
+    # --- decoys -----------------------------------------------------------------
+
+    def decoy_section(self, section: object, classify: Classify) -> Decoys:
+        if not isinstance(section, dict):
+            self.error(("decoys",), "must be a mapping of table to a list of primary-key values")
+            return {}
+        out: Decoys = {}
+        for table, keys in section.items():
+            path: YamlPath = ("decoys", table)
+            if not is_qualified(table):
+                self.error(path, "must be schema.table (two identifiers, no globs)", key=True)
+            elif table not in classify:
+                self.error(path, "decoys belong in a table the classify section names", key=True)
+            elif not isinstance(keys, list) or not keys:
+                self.error(path, "must be a non-empty list of primary-key values")
+            else:
+                found = self.decoy_keys(path, keys)
+                if found:
+                    out[table] = found
+        return out
+
+    def decoy_keys(self, path: YamlPath, keys: list[Any]) -> frozenset[str]:
+        found: set[str] = set()
+        for index, key in enumerate(keys):
+            if type(key) is int or (isinstance(key, str) and key):
+                found.add(str(key))
+            else:
+                self.error(
+                    (*path, index),
+                    "must be an integer or a non-empty string: the key as key::text prints it",
+                )
+        return frozenset(found)
+
+    def decoys_need_caps(self, roles: dict[str, Role]) -> None:
+        for name, role in roles.items():
+            if role.unrestricted or (role.limits and role.limits.rows_per_query):
+                continue
+            self.error(
+                ("roles", name),
+                "with decoys planted, every restricted role needs limits.rows_per_query "
+                "(pgwarden holds a statement's rows until it has checked them)",
+                key=True,
+            )
 
     def unknown_keys(self, path: YamlPath, mapping: dict[str, Any], known: tuple[str, ...]) -> None:
         for name in mapping:
@@ -201,14 +278,88 @@ class Checker:
     def restricted(
         self, path: YamlPath, name: str, members: frozenset[str], body: dict[str, Any]
     ) -> Role:
+        statements = self.statements(path, body)
+        tables = self.tables(path, body)
         return Role(
             name=name,
             members=members,
-            statements=self.statements(path, body),
-            tables=self.tables(path, body),
+            statements=statements,
+            tables=tables,
             columns=MappingProxyType(self.columns(path, body.get("columns", {}))),
+            row_filter=MappingProxyType(self.row_filter(path, body, tables)),
             limits=self.limits((*path, "limits"), body["limits"]) if "limits" in body else None,
+            alerts=self.alerts((*path, "alerts"), body["alerts"])
+            if "alerts" in body
+            else DEFAULT_ALERTS,
+            mode=self.mode(path, body),
         )
+
+    def row_filter(
+        self, path: YamlPath, body: dict[str, Any], tables: tuple[str, ...]
+    ) -> dict[str, str]:
+        """table -> SQL condition; its syntax is parsed now, its names by check --schema."""
+        from proxy.analysis.row_filter import filter_problem  # noqa: PLC0415 - no import cycle
+
+        section = body.get("row_filter", {})
+        at: YamlPath = (*path, "row_filter")
+        if not isinstance(section, dict):
+            self.error(at, "must be a mapping of schema.table to a SQL condition")
+            return {}
+        out: dict[str, str] = {}
+        for table, text in section.items():
+            entry: YamlPath = (*at, table)
+            if not is_qualified(table):
+                self.error(entry, "must be schema.table (two identifiers, no globs)", key=True)
+                continue
+            if not any(pattern == table or pattern_matches(pattern, table) for pattern in tables):
+                self.error(entry, f"{table} is not one of the role's tables", key=True)
+                continue
+            problem = filter_problem(text)
+            if problem is not None:
+                self.error(entry, problem)
+                continue
+            out[table] = cast(str, text)
+        return out
+
+    def mode(self, path: YamlPath, body: dict[str, Any]) -> Mode:
+        """enforce (the default), or shadow: nothing enforced, would-be verdicts logged."""
+        value = body.get("mode", "enforce")
+        if value not in MODES:
+            self.error((*path, "mode"), "must be enforce or shadow")
+            return "enforce"
+        return cast(Mode, value)
+
+    # --- alerts -----------------------------------------------------------------
+
+    def alerts(self, path: YamlPath, section: object) -> Alerts | None:
+        if section == "off" or section is False:
+            return None
+        if not isinstance(section, dict):
+            self.error(path, f"must be off or a mapping ({', '.join(ALERT_KEYS)})")
+            return DEFAULT_ALERTS
+        self.unknown_keys(path, section, ALERT_KEYS)
+        values: dict[str, Any] = {}
+        window = section.get("window_s", DEFAULT_ALERTS.window_s)
+        if type(window) not in (int, float) or not 60 <= window <= 30 * 86400:
+            self.error((*path, "window_s"), "must be a number of seconds from 60 to 2592000")
+        else:
+            values["window_s"] = float(window)
+        for name in ALERT_KEYS[1:4]:
+            if name not in section:
+                continue
+            value = section[name]
+            if value == "off" or value is False:
+                values[name] = None
+            elif not _positive_int(value):
+                self.error((*path, name), "must be a positive integer, or off")
+            else:
+                values[name] = value
+        action = section.get("action", "alert")
+        if action not in ALERT_ACTIONS:
+            self.error((*path, "action"), "must be alert or lock")
+        else:
+            values["action"] = cast(AlertAction, action)
+        return Alerts(**values)
 
     def members(self, path: YamlPath, body: dict[str, Any]) -> frozenset[str]:
         if "members" not in body:
@@ -335,13 +486,35 @@ class Checker:
         if mask == "redact":
             self.no_lookup(path, body)
             self.no_partial_keys(path, body, "redact")
+            if "per_user" in body:
+                self.error((*path, "per_user"), "applies to mask hash only", key=True)
             return ColumnRule("redact")
         if mask not in MASKS:
             self.error((*path, "mask"), f'unknown mask "{mask}" (masks: {", ".join(_MASKS)})')
             return None
         first, last = self.partial(path, body, cast(Mask, mask))
         lookup = self.lookup(path, body)
-        return ColumnRule("mask", mask=cast(Mask, mask), lookup=lookup, first=first, last=last)
+        per_user = self.per_user(path, body, cast(Mask, mask))
+        return ColumnRule(
+            "mask",
+            mask=cast(Mask, mask),
+            lookup=lookup,
+            first=first,
+            last=last,
+            per_user=per_user,
+        )
+
+    def per_user(self, path: YamlPath, body: dict[str, Any], mask: Mask) -> bool:
+        if "per_user" not in body:
+            return False
+        value = body["per_user"]
+        if mask != "hash":
+            self.error((*path, "per_user"), f"applies to mask hash only, not {mask}", key=True)
+            return False
+        if not isinstance(value, bool):
+            self.error((*path, "per_user"), "must be true or false")
+            return False
+        return value
 
     def lookup(self, path: YamlPath, body: dict[str, Any]) -> Lookup:
         value = body.get("lookup", "none")
@@ -382,7 +555,7 @@ class Checker:
             return None
         self.unknown_keys(path, section, LIMIT_KEYS)
         caps: dict[str, int | None] = {}
-        for name in LIMIT_KEYS[:3]:
+        for name in _CAP_KEYS:
             value = section.get(name)
             if name in section and not _positive_int(value):
                 self.error((*path, name), "must be a positive integer (leave it out for no cap)")

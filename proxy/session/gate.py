@@ -5,7 +5,9 @@ byte of it reaches the database, and reports the rows each statement returned.
 A Gate answers with one of a closed set of verdicts. Unrestricted roles get
 PassThroughGate (everything allowed, still counted and logged); restricted roles
 get PolicyGate, which asks the policy engine (proxy/analysis/engine.py) and hands
-the session the rewritten text to send.
+the session the rewritten text to send. A role in shadow mode gets ShadowGate: the
+engine judges every statement, the statement passes through untouched as an
+unrestricted role's would, and what enforcement would have done goes to the log.
 
 Fail closed: while no engine is available (the upstream schema is not loaded yet),
 a restricted role's statements are refused, never passed through.
@@ -13,14 +15,19 @@ a restricted role's statements are refused, never passed through.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.analysis.engine import Engine, Evaluation
 from proxy.analysis.fingerprint import UNPARSABLE, fingerprint
+from proxy.analysis.records import RecordSpec
+from proxy.enumeration import Alert
 from proxy.errors import PgWardenError, PolicyRefusal
-from proxy.policy.model import Limits, Role
+from proxy.policy.model import Alerts, Limits, Role
 from proxy.quota import has_quota
 
 
@@ -30,7 +37,8 @@ class Principal:
 
     user: str
     role: str
-    unrestricted: bool
+    unrestricted: bool  # nothing enforced: an unrestricted role, or one in shadow mode
+    shadow: bool = False  # the role is in shadow mode (would-be verdicts are logged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,13 +48,17 @@ class Audit:
     fingerprint: str
     kind: str
     tables: tuple[str, ...] = ()
+    extended: bool = False  # came in a Parse (else a simple Query): replay needs to know
+    # shadow mode: what enforcement would have done (shadow_* fields of the event)
+    shadow: tuple[tuple[str, object], ...] = ()
 
 
 @lru_cache(maxsize=4096)
-def passthrough_audit(sql: str) -> Audit:
+def passthrough_audit(sql: str, extended: bool = False) -> Audit:
     """The audit facts of an unrestricted statement (not analysed: its first keyword)."""
     shape = fingerprint(sql)
-    return Audit(shape, shape.split(" ", 1)[0].lower() if shape != UNPARSABLE else "")
+    kind = shape.split(" ", 1)[0].lower() if shape != UNPARSABLE else ""
+    return Audit(shape, kind, extended=extended)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +84,7 @@ class Allow:
     tables: tuple[str, ...] = ()  # what the statement reads, for limit and quota events
     audit: Audit | None = None
     policy_version: str = ""  # the policy it was checked under (restricted roles)
+    records: RecordSpec | None = None  # the rows are accounted record by record
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +97,21 @@ class Refuse:
 
 
 Verdict = Allow | Refuse
+
+KeyRow = tuple[str | None, ...]  # the hidden key texts of one result row
+
+
+@dataclass
+class Accounting:
+    """What to do with a result whose records were accounted (`Gate.account`)."""
+
+    deliver: int  # how many of the held rows go to the client
+    error: PgWardenError | None = None  # refuse the statement (records budget, reject)
+    notice: str = ""  # the rows were cut short by the records budget (truncate)
+    decoy: str = ""  # the table of a planted record in the rows: end the session, lock
+    lock: str = ""  # an alert with action: lock (its kind): end the session
+    events: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+
 
 ALLOW = Allow()
 
@@ -116,6 +144,18 @@ class Gate(Protocol):
         """
         ...
 
+    def lock(self, reason: str, details: Mapping[str, Any]) -> None:
+        """Lock the user in every process (a decoy touched, an alert with action: lock)."""
+        ...
+
+    def account(self, spec: RecordSpec, rows: list[KeyRow], *, held: bool) -> Accounting:
+        """A result's records (the hidden keys of each row), before it is delivered.
+
+        `held`: the rows are still held (else they were already delivered and only
+        count). The answer says how many rows go out and whether the session ends.
+        """
+        ...
+
 
 class PassThroughGate:
     """Resolves the role and lets everything through (the foundation's policy)."""
@@ -138,6 +178,12 @@ class PassThroughGate:
     def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
         return None
 
+    def account(self, spec: RecordSpec, rows: list[KeyRow], *, held: bool) -> Accounting:
+        return Accounting(len(rows))
+
+    def lock(self, reason: str, details: Mapping[str, Any]) -> None:
+        return None
+
 
 class EngineSource(Protocol):
     """Where a gate finds the current policy engine (swapped on reload)."""
@@ -156,6 +202,33 @@ class EngineSource(Protocol):
     def charge(self, user: str, rows: int) -> None:
         """`user` was delivered `rows` rows of classified tables."""
         ...
+
+    @property
+    def records(self) -> RecordKeeper: ...
+
+
+class RecordKeeper(Protocol):
+    """The records shown per user, locks and alerts (proxy/net/records.py)."""
+
+    def ready(self, user: str) -> bool: ...
+
+    def locked(self, user: str) -> object | None: ...
+
+    def admit(
+        self, user: str, budgets: Iterable[tuple[str, float, int]], rows: list[tuple[int, ...]]
+    ) -> tuple[int, tuple[str, float, int] | None]: ...
+
+    def shown(self, user: str, rows: list[tuple[int, ...]], *, budgets: bool) -> None: ...
+
+    def watch(
+        self,
+        user: str,
+        role: str,
+        alerts: Alerts | None,
+        observed: list[tuple[str, tuple[str, ...], bool, bool]],
+    ) -> list[Alert]: ...
+
+    def lock(self, user: str, reason: str, details: Mapping[str, Any]) -> None: ...
 
 
 class PolicyGate:
@@ -180,21 +253,35 @@ class PolicyGate:
         role = self._role(engine)
         if role is None:
             return Refuse(self._not_a_member())
-        result = engine.evaluate(role.name, sql, extended=extended)
+        if self._source.records.locked(self.principal.user) is not None:
+            return Refuse(locked_error(self.principal.user))
+        result = engine.evaluate(role.name, sql, extended=extended, user=self.principal.user)
         self.forbidden = engine.forbidden_fields(role.name)
-        audit = Audit(fingerprint(sql), ",".join(result.kinds), result.tables)
+        audit = Audit(fingerprint(sql), ",".join(result.kinds), result.tables, extended)
         if result.allowed:
-            verdict = self._allow(result, role.limits)
+            verdict = self._allow(result, role)
             if isinstance(verdict, Allow):
-                return replace(verdict, audit=audit, policy_version=engine.policy.version_hash)
+                return replace(
+                    verdict,
+                    audit=audit,
+                    policy_version=engine.policy.version_hash,
+                    records=result.records,
+                )
             return replace(verdict, audit=audit)
         if result.unknown_relation:
             self._source.schema_miss()
         error = PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)
         return Refuse(error, internal=result.internal, audit=audit)
 
-    def _allow(self, result: Evaluation, limits: Limits | None) -> Verdict:
+    def _allow(self, result: Evaluation, role: Role) -> Verdict:
         """Allow, with the row cap: rows_per_query, or what is left of a quota if less."""
+        limits = role.limits
+        if (
+            result.records is not None
+            and _budgets(role)
+            and not self._source.records.ready(self.principal.user)
+        ):
+            return Refuse(_records_unavailable())
         quotas = limits is not None and (limits.rows_per_hour or limits.rows_per_day)
         if not (quotas and result.classified):
             return Allow(
@@ -238,7 +325,9 @@ class PolicyGate:
         role = self._role(engine)
         if role is None:
             return self._not_a_member()
-        if prepared is None or not self._still_holds(engine, role, prepared):
+        if self._source.records.locked(self.principal.user) is not None:
+            return locked_error(self.principal.user)
+        if prepared is None or not self._still_holds(engine, role, prepared, self.principal.user):
             return PolicyRefusal(
                 "pgwarden: the policy changed since this statement was prepared; Bind refused",
                 hint="Prepare the statement again (reconnecting does it for most drivers).",
@@ -248,12 +337,79 @@ class PolicyGate:
         assert role.limits is not None
         return self._source.quota_left(self.principal.user, role.limits)
 
+    def account(self, spec: RecordSpec, rows: list[KeyRow], *, held: bool) -> Accounting:
+        engine = self._source.engine
+        role = self._role(engine) if engine is not None else None
+        if engine is None or role is None:  # the policy changed under the statement
+            return Accounting(0, error=self._not_a_member()) if held else Accounting(len(rows))
+        user, book = self.principal.user, self._source.records
+        decoys = engine.policy.decoys
+        if decoys and held:
+            for row in rows:
+                for table, key in zip(spec.tables, row, strict=True):
+                    if key is not None and key in decoys.get(table, ()):
+                        return Accounting(0, decoy=table)
+        named = [_record_ids(spec, row) for row in rows]
+        budgets = _budgets(role)
+        out = Accounting(len(rows))
+        if budgets:
+            fits, stop = book.admit(user, budgets, named)
+            if stop is not None and held:
+                name, _, allowed = stop
+                out.events.append(
+                    (
+                        "records.exhausted",
+                        {"window": name, "budget": allowed, "rows_seen": len(rows)},
+                    )
+                )
+                if not role.limits or role.limits.on_exceed == "reject":
+                    return Accounting(0, error=_over_records(name, allowed), events=out.events)
+                out.deliver = fits
+                out.notice = (
+                    f"pgwarden: result truncated to {fits} rows: the records_per_{name} "
+                    "budget of your role is used up"
+                )
+        observed = [
+            (
+                table,
+                tuple(k for row in rows[: out.deliver] if (k := row[i]) is not None),
+                spec.lookup,
+                spec.paging,
+            )
+            for i, table in enumerate(spec.tables)
+        ]
+        for alert in book.watch(user, role.name, role.alerts, observed):
+            out.events.append(
+                (
+                    "enumeration.alert",
+                    {
+                        "kind": alert.kind,
+                        "table": alert.table,
+                        "count": alert.count,
+                        "threshold": alert.threshold,
+                        "window_s": alert.window_s,
+                        "action": "lock" if alert.lock else "alert",
+                    },
+                )
+            )
+            if alert.lock and held:
+                out.lock = alert.kind
+        if out.lock:
+            out.deliver = 0
+            return out
+        book.shown(user, named[: out.deliver], budgets=bool(budgets))
+        return out
+
+    def lock(self, reason: str, details: Mapping[str, Any]) -> None:
+        """Lock the user in every process (a decoy touched, an alert with action: lock)."""
+        self._source.records.lock(self.principal.user, reason, details)
+
     @staticmethod
-    def _still_holds(engine: Engine, role: Role, prepared: Prepared) -> bool:
+    def _still_holds(engine: Engine, role: Role, prepared: Prepared, user: str) -> bool:
         """Prepared under this policy, or the current one makes the very same text."""
         if prepared.policy_version == engine.policy.version_hash:
             return True
-        again = engine.evaluate(role.name, prepared.sql, extended=True)
+        again = engine.evaluate(role.name, prepared.sql, extended=True, user=user)
         return again.allowed and again.sql == prepared.sent
 
     def _role(self, engine: Engine) -> Role | None:
@@ -269,6 +425,53 @@ class PolicyGate:
         )
 
 
+def _budgets(role: Role) -> tuple[tuple[str, float, int], ...]:
+    return role.limits.record_budgets() if role.limits is not None else ()
+
+
+def _record_ids(spec: RecordSpec, row: KeyRow) -> tuple[int, ...]:
+    """The records one row shows: one per key column, plus one unnamed when unkeyed."""
+    ids = [record_id(table, key) for table, key in zip(spec.tables, row, strict=True)]
+    if spec.unkeyed:
+        ids.append(record_id("", None))
+    return tuple(ids)
+
+
+def record_id(table: str, key: str | None) -> int:
+    """The ledger's name for a record: a signed 64-bit digest (a fresh one for None)."""
+    if key is None:
+        return secrets.randbits(63)  # an unnamed record: new every time
+    digest = hashlib.blake2b(f"{table}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def locked_error(user: str) -> PgWardenError:
+    return PolicyRefusal(
+        f'pgwarden: user "{user}" is locked; contact the security team',
+        hint="An operator unlocks it with `pgwarden quota unlock USER`.",
+        sqlstate="42501",
+    )
+
+
+def _records_unavailable() -> PgWardenError:
+    return PgWardenError(
+        "pgwarden: the ledger is unreachable; statement refused",
+        hint="Statements counted against a records budget need the ledger; try again shortly.",
+        sqlstate="08006",
+    )
+
+
+def _over_records(window: str, budget: int) -> PgWardenError:
+    words = {"day": "24 hours", "7d": "7 days", "30d": "30 days"}[window]
+    return PgWardenError(
+        f"pgwarden: statement would show more distinct records than the {budget} your role "
+        f"may see in {words} (records_per_{window}); no rows delivered",
+        hint="Records you were already shown in that window stay free to read again; "
+        "`pgwarden quota show` (ops) tells the counts.",
+        sqlstate="53400",
+    )
+
+
 _NOT_READY = Refuse(
     PolicyRefusal(
         "pgwarden: the schema of the upstream database is not loaded yet; statement refused",
@@ -278,8 +481,90 @@ _NOT_READY = Refuse(
 )
 
 
+class ShadowGate:
+    """A role in shadow mode: judged by the engine, enforced not at all.
+
+    Every statement passes through untouched (no rewrite, cap, quota charge or
+    backstop: the session is not guarded) and its Audit carries the verdict
+    enforcement would have given. The policy is read afresh for every statement:
+    once the user's role is no longer this role in shadow mode (a reload switched it
+    to enforce, or moved the user), statements and Binds are refused until the user
+    reconnects and gets the enforcing gate.
+    """
+
+    __slots__ = ("_source", "forbidden", "principal")
+
+    def __init__(self, principal: Principal, source: EngineSource) -> None:
+        self.principal = principal
+        self._source = source
+        self.forbidden: frozenset[tuple[int, int]] = frozenset()
+
+    def check_statement(self, sql: str, *, extended: bool) -> Verdict:
+        engine = self._source.engine
+        if engine is None:  # enforcement would refuse (57P03); shadow mode lets it run
+            audit = passthrough_audit(sql, extended)
+            return Allow(audit=replace(audit, shadow=_shadow_refusal(_NOT_READY.error)))
+        ended = self._ended(engine)
+        if ended is not None:
+            return Refuse(ended, audit=Audit(fingerprint(sql), "", extended=extended))
+        result = engine.evaluate(
+            self.principal.role, sql, extended=extended, user=self.principal.user
+        )
+        if result.unknown_relation:
+            self._source.schema_miss()
+        shadow = _shadow_allow(result) if result.allowed else _shadow_refusal(result)
+        kinds = ",".join(result.kinds)
+        return Allow(audit=Audit(fingerprint(sql), kinds, result.tables, extended, shadow))
+
+    def rows_returned(self, count: int) -> None:
+        return None
+
+    def charge(self, rows: int) -> None:
+        return None  # shadow mode charges no quota
+
+    def account(self, spec: RecordSpec, rows: list[KeyRow], *, held: bool) -> Accounting:
+        return Accounting(len(rows))  # never called: shadow statements carry no record keys
+
+    def lock(self, reason: str, details: Mapping[str, Any]) -> None:
+        return None
+
+    def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
+        engine = self._source.engine
+        return None if engine is None else self._ended(engine)
+
+    def _ended(self, engine: Engine) -> PgWardenError | None:
+        """The refusal once the policy no longer puts this user in this role's shadow mode."""
+        role = engine.policy.role_of(self.principal.user)
+        if role is not None and role.name == self.principal.role and role.mode == "shadow":
+            return None
+        return PolicyRefusal(
+            f'pgwarden: the policy changed: role "{self.principal.role}" is no longer in '
+            "shadow mode for this user; statement refused",
+            hint="Reconnect: the policy is enforced from your next login.",
+        )
+
+
+def _shadow_allow(result: Evaluation) -> tuple[tuple[str, object], ...]:
+    fields: list[tuple[str, object]] = [("shadow_verdict", "allow")]
+    if result.cap is not None:
+        fields.append(("shadow_cap", result.cap))
+    if result.masked:
+        fields.append(("shadow_masked", list(result.masked)))
+    return tuple(fields)
+
+
+def _shadow_refusal(refusal: Evaluation | PgWardenError) -> tuple[tuple[str, object], ...]:
+    return (
+        ("shadow_verdict", "refuse"),
+        ("shadow_reason", refusal.message),
+        ("shadow_sqlstate", refusal.sqlstate),
+    )
+
+
 def gate_for(principal: Principal, source: EngineSource) -> Gate:
     """The gate for a principal: pass-through when unrestricted, else the engine."""
+    if principal.shadow:
+        return ShadowGate(principal, source)
     if principal.unrestricted:
         return PassThroughGate(principal)
     return PolicyGate(principal, source)

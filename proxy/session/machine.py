@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from proxy.analysis.records import HIDDEN_PREFIX_BYTES, RecordSpec
 from proxy.auth import ScramSecret, ScramServerExchange
 from proxy.errors import (
     AuthFailed,
@@ -45,7 +46,17 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.session import pipeline as pl
-from proxy.session.gate import Allow, Audit, Gate, Prepared, Refuse, passthrough_audit
+from proxy.session.gate import (
+    Accounting,
+    Allow,
+    Audit,
+    Gate,
+    KeyRow,
+    Prepared,
+    Refuse,
+    locked_error,
+    passthrough_audit,
+)
 from proxy.session.pipeline import Pipeline
 from proxy.session.startup import filter_params
 from proxy.session.upstream import UpstreamLogin
@@ -273,6 +284,11 @@ class Session:
         """A check made while connecting upstream (connections per user) says no."""
         self._expect(Phase.CONNECTING)
         self._fatal(error)
+
+    def locked_out(self) -> None:
+        """The user was locked (here or by another session): this session ends now."""
+        if self.phase is not Phase.CLOSED and self.gate is not None:
+            self._fatal(locked_error(self.gate.principal.user))
 
     def timed_out(self, what: str) -> None:
         if what == "startup":
@@ -542,7 +558,7 @@ class Session:
             self._await(pl.PARSE)
             self._prepared.add(name)
             if self.config.statement_events:
-                self._statement_audits[name] = verdict.audit or passthrough_audit(query)
+                self._statement_audits[name] = verdict.audit or passthrough_audit(query, True)
             if self._guarded:
                 self._statement_caps[name] = _RowCap.of(verdict)
                 self._statement_cursors[name] = verdict.cursor
@@ -594,6 +610,17 @@ class Session:
             if cursor is not None:  # DECLARE or FETCH through the extended protocol
                 cap = self._cursor_cap(cursor, cap)
             self._portal_caps[portal] = cap
+            if cap is not None and cap.records is not None and cap.records.hidden:
+                # result formats listed per column: the hidden key columns need theirs
+                widened = fe.bind_with_text_results(data, pos, end, cap.records.hidden)
+                if widened is not None:
+                    return widened
+        elif self.gate is not None and self.gate.principal.shadow:  # a reload may end it
+            ended = self.gate.check_bind(None, counted=False)
+            if isinstance(ended, PgWardenError):
+                self.pipeline.queue.pop()  # the BindComplete will not be asked for
+                self._note_internal(Refuse(ended, audit=self._statement_audits.get(statement)))
+                return self._refuse_extended(ended)
         return True
 
     def _on_describe(self, data: bytes, pos: int, end: int) -> bool | bytes:
@@ -739,9 +766,15 @@ class Session:
                 rows += 1
                 pos = end
                 continue
-            if mtype in _GUARDED_TYPES and self._guarded and self._guard(mtype, data, pos, end):
-                out.append(view[run:pos])
-                return  # the session is closed; nothing after this message is forwarded
+            if mtype in _GUARDED_TYPES and self._guarded:
+                guarded = self._guard(mtype, data, pos, end)
+                if guarded is True:
+                    out.append(view[run:pos])
+                    return  # the session is closed; nothing after this message is forwarded
+                if guarded:  # a RowDescription without its hidden record-key columns
+                    out.append(view[run:pos])
+                    out.append(guarded)
+                    run = end
             # Fast path for the common replies (a table lookup, no calls);
             # everything else goes through the pipeline's full logic.
             step = steps.get((queue[0] << 8) | mtype) if queue else None
@@ -780,8 +813,11 @@ class Session:
         if pos < n:
             self._keep_tail(data, view, pos)
 
-    def _guard(self, mtype: int, data: bytes, pos: int, end: int) -> bool:
+    def _guard(self, mtype: int, data: bytes, pos: int, end: int) -> bool | bytes:
         """The result-path backstop for restricted roles; True when it closed the session.
+
+        A RowDescription with hidden record-key columns comes back without them
+        (bytes to send instead of the message).
 
         A RowDescription field that comes straight from a column the role may not
         see raw means the rewrite failed somewhere: the statement is aborted before
@@ -792,7 +828,9 @@ class Session:
             forbidden = self.gate.forbidden if self.gate is not None else frozenset()
             hit = forbidden and any(o in forbidden for o in be.decode_row_origins(data, pos, end))
             if not hit:
-                return False
+                if data.find(HIDDEN_PREFIX_BYTES, pos, end) < 0:
+                    return False
+                return be.strip_hidden_fields(data, pos, end, HIDDEN_PREFIX_BYTES) or False
             self.events.append(("backstop.tripped", {"what": "raw classified column in a result"}))
             self._fatal(
                 PolicyRefusal("pgwarden: result would expose a protected column; statement aborted")
@@ -849,6 +887,8 @@ class Session:
         Returns where the run ends.
         """
         cap = self.pipeline.caps[0] if self.pipeline.caps else None
+        if isinstance(cap, _RowCap) and cap.records is not None:
+            return self._record_rows(cap, mtype, data, pos)
         capped = isinstance(cap, _RowCap)
         room = max(0, cap.limit - cap.rows) if isinstance(cap, _RowCap) else 0
         n = len(data)
@@ -881,13 +921,165 @@ class Session:
             cap.held_rows = 0
         return pos
 
+    # --- record accounting (proxy/analysis/records.py) ------------------------------
+    #
+    # A statement whose rows show records of classified tables carries hidden key
+    # columns: each row loses them here and its keys are kept beside it. Under a row
+    # cap the rows are held until the statement (or batch) completes; then the gate
+    # checks them all at once (decoys, records budgets, enumeration alerts) and says
+    # how many go out. Without a cap (a role with no rows_per_query) rows go out as
+    # they come and are only counted.
+
+    def _record_rows(self, cap: _RowCap, mtype: int, data: bytes, pos: int) -> int:
+        spec = cap.records
+        assert spec is not None
+        hidden = spec.hidden if mtype == 68 else 0
+        stream = cap.limit >= _UNCAPPED
+        n = len(data)
+        while n - pos >= 5 and data[pos] == mtype:
+            end = pos + 1 + _LEN.unpack_from(data, pos + 1)[0]
+            if end > n:
+                break
+            if hidden:
+                row, keys = be.strip_columns(data, pos, end, hidden)
+            else:
+                row, keys = data[pos:end], ()
+            pos = end
+            cap.rows += 1
+            if cap.over:
+                continue
+            if cap.rows > cap.limit:
+                cap.over = True
+                if not cap.truncate:
+                    cap.held.clear()
+                    cap.keys.clear()
+                    cap.held_rows = 0
+                continue
+            cap.keys.append(keys)
+            if stream:
+                self._deliver_rows(row, 1)
+                cap.batch += 1
+            else:
+                cap.held.append(row)
+                cap.held_rows += 1
+        return pos
+
+    def _records_end(self, cap: _RowCap, mtype: int, msg: bytes, simple: bool) -> bytes:
+        """_cap_end for a statement whose rows carry record keys."""
+        spec = cap.records
+        assert spec is not None
+        assert self.gate is not None
+        held, cap.held = cap.held, []
+        keys, cap.keys = cap.keys, []
+        cap.held_rows = 0
+        over, batch, seen, earlier = cap.over, cap.batch, cap.rows, cap.delivered
+        cap.batch = 0
+        if (simple or mtype != 115) and not cap.cumulative:  # a statement ended
+            cap.rows = 0
+            cap.delivered = 0
+            cap.over = False
+        extra = held[len(keys) :]  # a CopyDone held behind the rows
+        held = held[: len(keys)]
+        if batch:  # streamed: already delivered, only counted
+            self.gate.account(spec, keys, held=False)
+            self._charge(cap, batch)
+            self._reply_all(extra)
+            return msg
+        if mtype == 69 or self._drop_until_ready:  # nothing of the statement is delivered
+            return msg
+        if over and not cap.truncate:
+            return self._over_cap_error(cap, seen, earlier)
+        outcome = self.gate.account(spec, keys, held=True)
+        self.events.extend(outcome.events)
+        if outcome.decoy or outcome.lock:
+            self._lock_out(outcome.decoy, outcome.lock)
+            return b""
+        sent = self._deliver_accounted(cap, outcome, held, (mtype, msg), (over, seen, earlier))
+        if outcome.error is None:
+            self._reply_all(extra)
+        return sent
+
+    def _reply_all(self, messages: list[bytes | memoryview]) -> None:
+        if messages and not self._drop_until_ready:
+            self.to_client.extend(messages)
+
+    def _deliver_accounted(
+        self,
+        cap: _RowCap,
+        outcome: Accounting,
+        held: list[bytes | memoryview],
+        end: tuple[int, bytes],
+        counts: tuple[bool, int, int],
+    ) -> bytes:
+        """Send what the gate let through of a held, accounted result."""
+        mtype, msg = end
+        over, seen, earlier = counts
+        if outcome.error is not None:
+            self._drop_until_ready = True
+            if self._inflight:
+                self._inflight[0].error = outcome.error.sqlstate
+            return _error(_delivered_before(outcome.error, earlier))
+        delivered = outcome.deliver
+        if delivered and not self._drop_until_ready:
+            self._stmt_rows += delivered
+            self.to_client.extend(held[:delivered])
+        self._charge(cap, delivered)
+        if cap.rows:  # the statement goes on (a portal or cursor batch)
+            cap.delivered += delivered
+        notice = b""
+        if over:
+            fields = {"cap": cap.limit, "rows_seen": seen, "on_exceed": cap.mode}
+            event = "quota.exhausted" if cap.by_quota else "limit.exceeded"
+            self.events.append((event, fields | {"tables": list(cap.tables)}))
+            notice = be.error_response(
+                "NOTICE",
+                "01000",
+                f"pgwarden: result truncated to {cap.limit} rows, the row cap of your role",
+                notice=True,
+            )
+        if outcome.notice:
+            notice = be.error_response("NOTICE", "01000", outcome.notice, notice=True)
+        if delivered < len(held) or over:
+            return notice + (_recount(msg, delivered) if mtype == 67 else msg)
+        return msg
+
+    def _lock_out(self, decoy: str, alert: str) -> None:
+        """A planted record was in the result, or an alert locks: nothing goes out, lock."""
+        assert self.gate is not None
+        stmt = self._inflight[0].audit if self._inflight else None
+        fingerprint = stmt.fingerprint if stmt else ""
+        if decoy:
+            reason = "decoy"
+            details: dict[str, Any] = {"table": decoy, "fingerprint": fingerprint}
+            self.events.append(("decoy.touched", dict(details)))
+        else:
+            reason = "enumeration"
+            details = {"kind": alert, "fingerprint": fingerprint}
+        self.events.append(("user.locked", {"reason": reason, **details}))
+        self._fatal(locked_error(self.gate.principal.user))
+        self.gate.lock(reason, details)
+
+    def _over_cap_error(self, cap: _RowCap, seen: int, earlier: int) -> bytes:
+        event = "quota.exhausted" if cap.by_quota else "limit.exceeded"
+        fields = {"cap": cap.limit, "rows_seen": seen, "on_exceed": cap.mode}
+        self.events.append((event, fields | {"tables": list(cap.tables)}))
+        self._drop_until_ready = True
+        if self._inflight:
+            self._inflight[0].error = "53400" if cap.by_quota else "54000"
+        refusal = _over_quota(cap.limit) if cap.by_quota else _over_cap(cap.limit)
+        return _error(_delivered_before(refusal, earlier))
+
     def _capped_message(self, mtype: int, data: bytes, pos: int, end: int) -> None:
-        if mtype in _GUARDED_TYPES and self._guard(mtype, data, pos, end):
-            return
+        msg = data[pos:end]
+        if mtype in _GUARDED_TYPES:
+            guarded = self._guard(mtype, data, pos, end)
+            if guarded is True:
+                return
+            if guarded:
+                msg = guarded
         queue = self.pipeline.queue
         in_statement = self._in_statement()
         cap = self.pipeline.caps[0] if in_statement and self.pipeline.caps else None
-        msg = data[pos:end]
         if isinstance(cap, _RowCap) and mtype == 99:  # CopyDone: held behind the rows
             if not cap.over:
                 cap.held.append(msg)
@@ -895,6 +1087,8 @@ class Session:
         dropping = self._drop_until_ready  # a refusal earlier in this reply
         if isinstance(cap, _RowCap) and mtype in _STATEMENT_ENDS:
             msg = self._cap_end(cap, mtype, msg, queue[0] == pl.QUERY)
+            if self.phase is Phase.CLOSED:
+                return
         extra = self._server_message(mtype, data, pos, end)
         if self.pipeline.swallow:  # pgwarden's own abort
             self.pipeline.swallow = False
@@ -915,6 +1109,8 @@ class Session:
 
     def _cap_end(self, cap: _RowCap, mtype: int, msg: bytes, simple: bool) -> bytes:
         """The bytes to send for a statement's (or batch's) last message."""
+        if cap.records is not None:
+            return self._records_end(cap, mtype, msg, simple)
         held, cap.held = cap.held, []
         held_rows, cap.held_rows = cap.held_rows, 0
         over, batch, seen, earlier = cap.over, cap.batch, cap.rows, cap.delivered
@@ -998,6 +1194,8 @@ class Session:
         now = self.config.clock()
         fields = _statement_fields(stmt.audit, "allow")
         fields["rows"] = stmt.rows
+        if stmt.rows > fields.get("shadow_cap", stmt.rows):  # shadow mode: over the cap
+            fields["shadow_capped"] = True
         fields["duration_ms"] = round((now - stmt.checked_from) * 1000, 3)
         fields["upstream_ms"] = round((now - stmt.started) * 1000, 3)
         if stmt.error:
@@ -1082,7 +1280,7 @@ class _Statement:
 
 def _statement_fields(audit: Audit | None, verdict: str) -> dict[str, Any]:
     """The statement event's fields every statement has (counts zero until known)."""
-    return {
+    fields: dict[str, Any] = {
         "fingerprint": audit.fingerprint if audit else "",
         "kind": audit.kind if audit else "",
         "tables": list(audit.tables) if audit else [],
@@ -1091,6 +1289,10 @@ def _statement_fields(audit: Audit | None, verdict: str) -> dict[str, Any]:
         "duration_ms": 0.0,
         "upstream_ms": 0.0,
     }
+    if audit is not None:
+        fields["protocol"] = "extended" if audit.extended else "simple"
+        fields.update(audit.shadow)  # shadow mode: what enforcement would have done
+    return fields
 
 
 def _sqlstate(data: bytes, pos: int, end: int) -> str:
@@ -1102,6 +1304,7 @@ def _sqlstate(data: bytes, pos: int, end: int) -> str:
 
 
 _GUARDED_TYPES = (84, 83)  # RowDescription, ParameterStatus
+_UNCAPPED = 1 << 62  # the limit of a cap that only carries record accounting
 _ROW_TYPES = (68, 100)  # DataRow, CopyData (a row of COPY TO STDOUT)
 # CommandComplete, PortalSuspended, ErrorResponse, EmptyQueryResponse
 _STATEMENT_ENDS = (67, 115, 69, 73)
@@ -1119,8 +1322,10 @@ class _RowCap:
         "delivered",
         "held",
         "held_rows",
+        "keys",
         "limit",
         "over",
+        "records",
         "rows",
         "tables",
         "truncate",
@@ -1148,19 +1353,22 @@ class _RowCap:
         self.held: list[bytes | memoryview] = []  # runs of rows (and a CopyDone), in order
         self.held_rows = 0  # rows in `held`
         self.over = False
+        self.records: RecordSpec | None = None  # rows carry hidden record keys to account
+        self.keys: list[KeyRow] = []  # the keys of each held (or streamed) row, in order
 
     @classmethod
     def of(cls, verdict: Allow) -> _RowCap | None:
-        if verdict.cap is None:
+        if verdict.cap is None and verdict.records is None:
             return None
         cap = cls(
-            verdict.cap,
-            truncate=verdict.truncate,
+            _UNCAPPED if verdict.cap is None else verdict.cap,
+            truncate=verdict.truncate or verdict.cap is None,
             counted=verdict.counted,
             by_quota=verdict.by_quota,
             base=verdict.base_cap,
         )
         cap.tables = verdict.tables
+        cap.records = verdict.records
         return cap
 
     def fresh(self) -> _RowCap:
@@ -1168,6 +1376,7 @@ class _RowCap:
         cap = copy.copy(self)
         cap.rows = cap.batch = cap.held_rows = 0
         cap.held = []
+        cap.keys = []
         cap.over = cap.cumulative = False
         return cap
 

@@ -165,6 +165,41 @@ def decode_bind_names(msg: bytes) -> tuple[str, str]:
     return _text(portal, "portal name"), _text(stmt, "statement name")
 
 
+def bind_with_text_results(data: bytes, pos: int, end: int, extra: int) -> bytes | None:
+    """The Bind at data[pos:end] asking for `extra` more result columns, in text format.
+
+    Only when it lists one format code per result column (two or more); with none
+    or one code every column, hidden ones included, gets that format already.
+    None when the Bind needs no change.
+    """
+    unpack = _I16.unpack_from
+    at = data.find(b"\0", pos + 5, end)
+    at = data.find(b"\0", at + 1, end) if at >= 0 else -1
+    if at < 0 or at + 3 > end:
+        raise ProtocolViolation("pgwarden: malformed Bind message")
+    at += 1
+    codes = unpack(data, at)[0]
+    at += 2 + 2 * codes
+    if codes < 0 or at + 2 > end:
+        raise ProtocolViolation("pgwarden: malformed Bind message")
+    params = unpack(data, at)[0]
+    at += 2
+    for _ in range(params):
+        if at + 4 > end:
+            raise ProtocolViolation("pgwarden: malformed Bind message")
+        length = _I32.unpack_from(data, at)[0]
+        at += 4 + (length if length > 0 else 0)
+    if at + 2 > end:
+        raise ProtocolViolation("pgwarden: malformed Bind message")
+    results = unpack(data, at)[0]
+    if results < 2:
+        return None
+    if at + 2 + 2 * results != end:
+        raise ProtocolViolation("pgwarden: malformed Bind message")
+    body = data[pos + 5 : at] + _I16.pack(results + extra) + data[at + 2 : end] + b"\0\0" * extra
+    return b"B" + _I32.pack(len(body) + 4) + body
+
+
 def decode_target(msg: bytes) -> tuple[int, str]:
     """('S' or 'P', name) of a Describe or Close message."""
     if len(msg) < 7 or msg[5] not in b"SP":

@@ -1,0 +1,330 @@
+"""Distinct-record budgets, locks and enumeration alerts: this process's view of the ledger.
+
+Strategy: the relay hands over, for each completed statement (or batch) of a
+restricted role whose rows are accounted, the records each row shows (one key
+per classified FROM item, see proxy/analysis/records.py). A record is a 64-bit
+digest of its table and primary-key text: the ledger never holds a key. For a
+user with a records budget the book keeps, in memory, when each record was last
+shown (read from the ledger at login and again when older than REFRESH_S), so
+`admit` answers synchronously how many rows of a result fit the budgets; `shown`
+applies a delivered result at once and writes it to the ledger in the
+background (retried until it lands, flushed at shutdown), as QuotaBook does for
+rows.
+
+Rules:
+* A budget counts the distinct records shown in a rolling window (24 h, 7 days,
+  30 days). Re-showing a record shown within the window is free; one shown
+  before the window's start counts again. A row whose record cannot be named (a
+  group of several records, a form the engine cannot key) counts as one new
+  record every time.
+* Fail closed: a user with a records budget whose records were never read (the
+  ledger is down) gets 08006 for statements that show records, like quotas.
+* Locks (a decoy touched, an alert with `action: lock`) are written to the ledger
+  at once and kept in memory; a locked user is refused at login and at every
+  statement, in every pgwarden process that reads the same ledger, until
+  `pgwarden quota unlock USER` or `pgwarden quota reset USER`.
+* Counts per window are kept incrementally and recomputed from the timestamps at
+  most every RECOUNT_S, so a record leaving a window is noticed up to RECOUNT_S
+  late: the budget then errs on the strict side, never the lenient one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.enumeration import Alert, AlertRules, Observation, Watcher
+from proxy.net.ledger import RECORDS_KEPT_S, Ledger
+from proxy.policy.model import Alerts
+from proxy.quota import LedgerUnavailable
+
+Budget = tuple[str, float, int]  # (window name, seconds, distinct records allowed)
+Row = tuple[int, ...]  # the record digests one result row shows
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    at: float  # epoch seconds
+    reason: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Seen:
+    recs: dict[int, float]  # record -> last shown (epoch seconds)
+    read_at: float  # monotonic time of the last ledger read
+    counts: dict[str, int] = field(default_factory=dict)  # window name -> records in it
+    counted_at: float = float("-inf")  # epoch seconds of the last full count
+
+
+def alert_rules(alerts: Alerts) -> AlertRules:
+    return AlertRules(
+        window_s=alerts.window_s,
+        distinct_lookups=alerts.distinct_lookups,
+        id_run=alerts.id_run,
+        offset_pages=alerts.offset_pages,
+        action=alerts.action,
+    )
+
+
+class RecordBook:
+    """Records shown per user, locks and alert state, as this process knows them."""
+
+    REFRESH_S = 5.0
+    BATCH_S = 0.05
+    RETRY_S = 2.0
+    RECOUNT_S = 60.0
+    PRUNE_S = 600.0
+
+    def __init__(self, ledger: Ledger, log: Any, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.log = log
+        self.clock = clock  # wall time, epoch seconds (a test injects its own)
+        self.watcher = Watcher()
+        self._seen: dict[str, _Seen] = {}
+        self._locks: dict[str, Lock] = {}
+        self._loading: set[str] = set()
+        self._unwritten: dict[str, dict[int, float]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writer: asyncio.Task[None] | None = None
+        self._io = asyncio.Lock()
+        self.on_lock: Callable[[str], None] | None = None  # ends the user's open sessions
+        self.observe: Callable[[str, Mapping[str, Any]], None] | None = None  # metrics
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def load(self, user: str, *, records: bool) -> bool:
+        """Read `user`'s lock (and records shown, when `records`); False if the ledger failed."""
+        try:
+            async with self._io:
+                lock = await self.ledger.lock_of(user)
+                seen = (
+                    await self.ledger.seen(user, self.clock() - RECORDS_KEPT_S) if records else []
+                )
+                pending = dict(self._unwritten.get(user, {}))
+        except LedgerUnavailable as exc:
+            self._ledger_error(error=exc.reason, during="read")
+            return False
+        finally:
+            self._loading.discard(user)
+        if lock is None:
+            self._locks.pop(user, None)
+        else:
+            self._locks[user] = Lock(lock[0], lock[1], orjson.loads(lock[2]))
+        if records:
+            recs = dict(seen)
+            for rec, at in pending.items():
+                recs[rec] = max(at, recs.get(rec, at))
+            self._seen[user] = _Seen(recs, time.monotonic())
+        return True
+
+    def locked(self, user: str) -> Lock | None:
+        return self._locks.get(user)
+
+    def ready(self, user: str) -> bool:
+        """Whether `user`'s records are known (refreshed in the background when stale)."""
+        seen = self._seen.get(user)
+        if seen is None or time.monotonic() - seen.read_at > self.REFRESH_S:
+            self._spawn_load(user)
+        return seen is not None
+
+    def counts(self, user: str) -> dict[str, int]:
+        """Records shown per window (day, 7d, 30d) as known here."""
+        seen = self._seen.get(user)
+        return {} if seen is None else dict(self._count(seen, self.clock()))
+
+    # --- budgets ---------------------------------------------------------------------
+
+    def admit(
+        self, user: str, budgets: Iterable[Budget], rows: list[Row]
+    ) -> tuple[int, Budget | None]:
+        """How many leading rows fit every budget, and the budget that stops the next one."""
+        seen = self._seen.get(user)
+        budgets = tuple(budgets)
+        if seen is None or not budgets:
+            return len(rows), None
+        now = self.clock()
+        counts = self._count(seen, now)
+        new = dict.fromkeys(counts, 0)
+        taken: set[int] = set()
+        for index, row in enumerate(rows):
+            for rec in row:
+                if rec in taken:
+                    continue
+                taken.add(rec)
+                at = seen.recs.get(rec)
+                for name, window, _ in budgets:
+                    if at is None or at <= now - window:
+                        new[name] += 1
+            for budget in budgets:
+                name, _, allowed = budget
+                if counts[name] + new[name] > allowed:
+                    return index, budget
+        return len(rows), None
+
+    def shown(self, user: str, rows: list[Row], *, budgets: bool) -> None:
+        """`rows` were delivered: remember their records (and write them, for budgets)."""
+        if not budgets or not rows:
+            return
+        now = self.clock()
+        seen = self._seen.get(user)
+        pending = self._unwritten.setdefault(user, {})
+        for row in rows:
+            for rec in row:
+                pending[rec] = now
+                if seen is None:
+                    continue
+                before = seen.recs.get(rec)
+                seen.recs[rec] = now
+                for name, window in _WINDOWS:
+                    if name in seen.counts and (before is None or before <= now - window):
+                        seen.counts[name] += 1
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+
+    def _count(self, seen: _Seen, now: float) -> dict[str, int]:
+        if not seen.counted_at <= now < seen.counted_at + self.RECOUNT_S:
+            oldest = now - RECORDS_KEPT_S
+            for rec in [r for r, at in seen.recs.items() if at <= oldest]:
+                del seen.recs[rec]
+            seen.counts = {
+                name: sum(1 for at in seen.recs.values() if at > now - window)
+                for name, window in _WINDOWS
+            }
+            seen.counted_at = now
+        return seen.counts
+
+    # --- alerts and locks ------------------------------------------------------------
+
+    def watch(
+        self,
+        user: str,
+        role: str,
+        alerts: Alerts | None,
+        observed: list[tuple[str, tuple[str, ...], bool, bool]],
+    ) -> list[Alert]:
+        """Feed the enumeration watcher: (table, keys, lookup, paging) per classified table."""
+        if alerts is None:
+            return []
+        rules = alert_rules(alerts)
+        now = self.clock()
+        raised: list[Alert] = []
+        for table, keys, lookup, paging in observed:
+            obs = Observation(user, role, table, keys, lookup, paging, now)
+            raised += self.watcher.observe(obs, rules)
+        for alert in raised:
+            self._keep(
+                asyncio.ensure_future(
+                    self._quietly(
+                        self.ledger.alert(
+                            user,
+                            now,
+                            alert.kind,
+                            alert.table,
+                            count=alert.count,
+                            threshold=alert.threshold,
+                        ),
+                        "alert",
+                    )
+                )
+            )
+        return raised
+
+    def lock(self, user: str, reason: str, details: Mapping[str, Any]) -> None:
+        """Lock `user` here at once, in the ledger in the background, and end their sessions."""
+        if user in self._locks:
+            return
+        now = self.clock()
+        self._locks[user] = Lock(now, reason, dict(details))
+        text = orjson.dumps(dict(details)).decode()
+        self._keep(asyncio.ensure_future(self._write_lock(user, now, reason, text)))
+        if self.on_lock is not None:
+            self.on_lock(user)
+
+    async def _write_lock(self, user: str, at: float, reason: str, details: str) -> None:
+        while True:
+            try:
+                await self.ledger.lock(user, at, reason, details)
+            except LedgerUnavailable as exc:
+                self._ledger_error(error=exc.reason, during="lock")
+                await asyncio.sleep(self.RETRY_S)
+            else:
+                return
+
+    def forget(self, user: str) -> None:
+        """An unlock or reset: drop what is known of `user` (read again at next use)."""
+        self._locks.pop(user, None)
+        self._seen.pop(user, None)
+        self.watcher.forget(user)
+
+    # --- writing ---------------------------------------------------------------------
+
+    async def _write(self) -> None:
+        while self._unwritten:
+            await asyncio.sleep(self.BATCH_S)
+            user, recs = next(iter(self._unwritten.items()))
+            batch = dict(recs)
+            async with self._io:
+                try:
+                    await self.ledger.mark_seen(user, batch)
+                except LedgerUnavailable as exc:
+                    failure = exc.reason
+                else:
+                    failure = ""
+                    left = self._unwritten.get(user, {})
+                    for rec, at in batch.items():
+                        if left.get(rec) == at:
+                            del left[rec]
+                    if not left:
+                        self._unwritten.pop(user, None)
+            if failure:
+                self._ledger_error(error=failure, during="records")
+                await asyncio.sleep(self.RETRY_S)
+
+    async def close(self, flush_s: float) -> None:
+        """Flush unwritten records (for at most `flush_s`); the ledger is closed by QuotaBook."""
+        pending = [t for t in (self._writer, *self._tasks) if t is not None and not t.done()]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(asyncio.gather(*pending)), flush_s)
+        if self._unwritten:
+            count = sum(len(r) for r in self._unwritten.values())
+            self.log.error("ledger.error", error="records not written at shutdown", records=count)
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.PRUNE_S)
+            with contextlib.suppress(LedgerUnavailable):
+                await self.ledger.prune_seen(self.clock() - RECORDS_KEPT_S)
+
+    async def _quietly(self, op: Any, during: str) -> None:
+        try:
+            await op
+        except LedgerUnavailable as exc:
+            self._ledger_error(error=exc.reason, during=during)
+
+    def _ledger_error(self, **fields: Any) -> None:
+        self.log.error("ledger.error", **fields)
+        if self.observe is not None:
+            self.observe("ledger.error", fields)
+
+    def _spawn_load(self, user: str) -> None:
+        if user in self._loading:
+            return
+        self._loading.add(user)
+        self._keep(asyncio.ensure_future(self.load(user, records=True)))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+_WINDOWS = (("day", 86400.0), ("7d", 7 * 86400.0), ("30d", 30 * 86400.0))
