@@ -102,6 +102,12 @@ QUOTA = "quotas"  # pgwarden again, with hourly and daily quotas: every look-up 
 QUOTA_RATIOS = ((QUOTA, "pgwarden"),)
 LOGGED = "logged"  # pgwarden again, at log level info: one statement event per statement
 LOGGED_RATIOS = ((LOGGED, "pgwarden"),)
+# record accounting (docs/policy.md, "Records"): the base pgwarden target runs the role as
+# example.yaml has it, enumeration alerts on (the default: hidden keys, stripped rows);
+# NO_RECORDS turns accounting off (alerts: off), BUDGETS adds records budgets (ledger)
+NO_RECORDS = "no-records"
+BUDGETS = "budgets"
+RECORDS_RATIOS = (("pgwarden", NO_RECORDS), (BUDGETS, NO_RECORDS))
 HUGE_QUOTA = 10**12  # never reached: the cost of checking and charging, not of refusing
 COLUMNS = "id, full_name, email, phone"
 EMAIL_SAMPLE = 100  # pgbench accepts at most 128 scripts
@@ -132,17 +138,20 @@ class LookupOptions(Options):
     rewritten: bool = False
     quotas: bool = False
     logged: bool = False
+    records: bool = False
 
     @property
     def targets(self) -> tuple[str, ...]:
         base = ("direct", REWRITTEN, *TARGETS[1:]) if self.rewritten else TARGETS
         base = (*base, QUOTA) if self.quotas else base
+        base = (*base, NO_RECORDS, BUDGETS) if self.records else base
         return (*base, LOGGED) if self.logged else base
 
     @property
     def ratios(self) -> tuple[tuple[str, str], ...]:
         ratios = RATIOS + REWRITTEN_RATIOS if self.rewritten else RATIOS
         ratios = ratios + QUOTA_RATIOS if self.quotas else ratios
+        ratios = ratios + RECORDS_RATIOS if self.records else ratios
         return ratios + LOGGED_RATIOS if self.logged else ratios
 
 
@@ -183,6 +192,11 @@ def parse_args(argv: Sequence[str] | None) -> LookupOptions:
         help="add a target: pgwarden whose role has hourly and daily quotas (ledger cost)",
     )
     p.add_argument(
+        "--records",
+        action="store_true",
+        help="add targets: record accounting off (alerts: off), and on with records budgets",
+    )
+    p.add_argument(
         "--logging",
         action="store_true",
         help="add a target: pgwarden at log level info (the statement event's cost)",
@@ -209,6 +223,7 @@ def parse_args(argv: Sequence[str] | None) -> LookupOptions:
         rewritten=a.rewritten,
         quotas=a.quotas,
         logged=a.logging,
+        records=a.records,
     )
 
 
@@ -284,14 +299,24 @@ def flavour_of(target: Target) -> str:
 # --- pgwarden --------------------------------------------------------------------
 
 
-def lookup_policy(*, quotas: bool = False) -> str:
-    """policies/example.yaml's classification and support role, the bench user its member."""
+def lookup_policy(*, quotas: bool = False, records: str = "") -> str:
+    """policies/example.yaml's classification and support role, the bench user its member.
+
+    records: "" as example.yaml has it, NO_RECORDS (alerts: off) or BUDGETS (huge budgets).
+    Decoys are left out: a decoy would lock the bench user; they cost what budgets do.
+    """
     example = yaml.safe_load(EXAMPLE_POLICY.read_text())
     role = dict(example["roles"][ROLE])
     role["members"] = [CLIENT_USER]
     role["limits"] = {"rows_per_query": ROWS_PER_QUERY}
+    role.pop("row_filter", None)  # every customer is looked up; a filter is another cost
+    role.pop("break_glass", None)
     if quotas:
         role["limits"] |= {"rows_per_hour": HUGE_QUOTA, "rows_per_day": HUGE_QUOTA}
+    if records == NO_RECORDS:
+        role["alerts"] = "off"
+    elif records == BUDGETS:
+        role["limits"] |= {f"records_per_{w}": HUGE_QUOTA for w in ("day", "7d", "30d")}
     doc = {"version": example["version"], "classify": example["classify"], "roles": {ROLE: role}}
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -332,9 +357,10 @@ def start_target(
 ) -> Target:
     """pgbench_select's targets, with the look-up policy and a hash key for pgwarden."""
     quotas = name == QUOTA
+    records = name if name in (NO_RECORDS, BUDGETS) else ""
     warden = functools.partial(
         launch_pgwarden,
-        policy=lookup_policy(quotas=quotas),
+        policy=lookup_policy(quotas=quotas, records=records),
         hash_key=creds.svc_password + "-hash",
         folder=name,
         log_level="info" if name == LOGGED else "warning",
@@ -380,7 +406,7 @@ def check_answers(
             target.fail(f"look-up check failed: {exc}")
             continue
         # masked: "***" shown, the e-mail not
-        masked = target.name in ("pgwarden", REWRITTEN, QUOTA, LOGGED)
+        masked = target.name in ("pgwarden", REWRITTEN, QUOTA, LOGGED, NO_RECORDS, BUDGETS)
         for row in rows:
             shows_raw = email in row or "***" not in row
             if len(row.splitlines()) != 1 or shows_raw == masked:

@@ -214,7 +214,7 @@ def _explain(args: argparse.Namespace) -> int:
             )
         source, base = found
     snapshot = load_snapshot(source, _live_snapshot, base=base)
-    result = explain(policy, snapshot, args.role, args.sql, args.user)
+    result = explain(policy, snapshot, args.role, args.sql, args.user, break_glass=args.break_glass)
     sys.stdout.write((explain_json(result) + "\n") if args.json else explain_text(result))
     return result.exit_code
 
@@ -497,10 +497,15 @@ def _print_records(policy: Policy, user: str, found: dict[str, Any]) -> None:
 
 
 def _quota_row(policy: Policy, user: str, usage: Usage) -> dict[str, Any]:
+    from proxy.policy.model import BREAK_GLASS_BUCKET
     from proxy.quota import remaining
 
     role = policy.role_of(user)
     limits = None if role is None or role.unrestricted else role.limits
+    owner, marker, _ = user.rpartition(BREAK_GLASS_BUCKET)
+    if role is None and marker:  # USER#break_glass: that user's break-glass quota
+        role = policy.role_of(owner)
+        limits = None if role is None or role.break_glass is None else role.break_glass.limits
     return {
         "user": user,
         "role": None if role is None else role.name,
@@ -670,6 +675,11 @@ def _parser() -> argparse.ArgumentParser:
         "--user",
         help="the user, for a role with :user row filters or per-user hashes "
         "(default: its first member)",
+    )
+    e.add_argument(
+        "--break-glass",
+        action="store_true",
+        help="under the role's break_glass rules (as after SET pgwarden.reason)",
     )
     e.add_argument("sql", metavar="SQL")
     e.set_defaults(func=_explain)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -155,11 +155,21 @@ def filter_errors(policy: Policy, doc: MarkedDocument, snapshot: Snapshot) -> li
     errors: list[str] = []
     for role in policy.roles.values():
         view = RoleView(policy, role, None, user="", snapshot=snapshot)
-        for table, text in role.row_filter.items():
-            at: YamlPath = ("roles", role.name, "row_filter", table)
-            problem = _filter_problem(view, table, text, snapshot)
-            if problem is not None:
-                errors.append(f"{where(policy.source, doc.position(at))}: {dotted(at)}: {problem}")
+        filters: list[tuple[YamlPath, Mapping[str, str]]] = [
+            (("roles", role.name, "row_filter"), role.row_filter)
+        ]
+        if role.break_glass is not None:  # the break-glass filters, checked the same way
+            filters.append(
+                (("roles", role.name, "break_glass", "row_filter"), role.break_glass.row_filter)
+            )
+        for path, section in filters:
+            for table, text in section.items():
+                at: YamlPath = (*path, table)
+                problem = _filter_problem(view, table, text, snapshot)
+                if problem is not None:
+                    errors.append(
+                        f"{where(policy.source, doc.position(at))}: {dotted(at)}: {problem}"
+                    )
     return errors
 
 
@@ -199,6 +209,7 @@ class Explanation:
     evaluation: Evaluation
     placeholder_key: bool  # the role hashes and the key is the placeholder
     user: str = ""  # the user a per-user role's statement was rewritten for
+    break_glass: bool = False  # evaluated under the role's break_glass rules
 
     @property
     def sent(self) -> str:
@@ -212,23 +223,37 @@ class Explanation:
     @property
     def row_cap(self) -> dict[str, Any] | None:
         """The role's cap, unless this statement is not capped (it reads only the catalog)."""
-        cap = row_cap(self.role)
+        cap = row_cap(self.role.under_break_glass() if self.break_glass else self.role)
         if cap is not None and self.evaluation.allowed and self.evaluation.cap is None:
             return None
         return cap
 
 
 def explain(
-    policy: Policy, snapshot: Snapshot, role: str, sql: str, user: str | None = None
+    policy: Policy,
+    snapshot: Snapshot,
+    role: str,
+    sql: str,
+    user: str | None = None,
+    *,
+    break_glass: bool = False,
 ) -> Explanation:
-    """Evaluate `sql` for `role` (and `user`, for a per-user role) as the proxy would."""
+    """Evaluate `sql` for `role` (and `user`, for a per-user role) as the proxy would.
+
+    `break_glass`: as in a session whose user stated a reason (the role's break_glass rules).
+    """
     found = require_role(policy, role)
+    if break_glass and found.break_glass is None:
+        raise ToolError(f'pgwarden: role "{role}" has no break_glass in {policy.source}')
     key, placeholder = hash_key_for(policy)
-    who = default_user(found, user)
-    evaluation = Engine(policy, snapshot, key).evaluate(role, sql, user=who)
+    effective = found.under_break_glass() if break_glass else found
+    who = default_user(effective, user)
+    evaluation = Engine(policy, snapshot, key).evaluate(
+        role, sql, user=who, break_glass=break_glass
+    )
     hashes = any(rule.mask == "hash" for rule in found.columns.values())
-    shown = who if found.per_user else ""
-    return Explanation(found, sql, evaluation, placeholder and hashes, shown)
+    shown = who if effective.per_user else ""
+    return Explanation(found, sql, evaluation, placeholder and hashes, shown, break_glass)
 
 
 def explain_json(x: Explanation) -> str:
@@ -258,6 +283,8 @@ def explain_json(x: Explanation) -> str:
         out["filtered"] = list(ev.filtered)
     if x.user:
         out["user"] = x.user
+    if x.break_glass:
+        out["break_glass"] = True
     return json.dumps(out, ensure_ascii=False)
 
 
@@ -266,6 +293,8 @@ def explain_text(x: Explanation) -> str:
     lines = [f"verdict: {'allow' if ev.allowed else 'refuse'} (role {x.role.name})"]
     if x.user:
         lines.append(f"user: {x.user}")
+    if x.break_glass:
+        lines.append("break-glass: yes (the role's break_glass rules apply)")
     if not ev.allowed:
         lines.append(f"sqlstate: {ev.sqlstate}")
         lines.append(f"message: {ev.message}")
@@ -318,7 +347,16 @@ def _listing(items: Sequence[str]) -> str:
 # --- tests files ----------------------------------------------------------------------
 
 _TOP_KEYS = ("policy", "schema", "cases")
-_CASE_KEYS = ("name", "role", "user", "sql", "expect", "sqlstate", "rewritten_contains")
+_CASE_KEYS = (
+    "name",
+    "role",
+    "user",
+    "break_glass",
+    "sql",
+    "expect",
+    "sqlstate",
+    "rewritten_contains",
+)
 _EXPECT = ("allow", "refuse")
 
 
@@ -333,6 +371,7 @@ class Case:
     sqlstate: str | None = None
     contains: tuple[str, ...] = ()
     user: str | None = None  # for a per-user role (default: its first member)
+    break_glass: bool = False  # under the role's break_glass rules
 
     @property
     def label(self) -> str:
@@ -405,12 +444,35 @@ class _Reader:
         user = self.text((*at, "user"), data.get("user"), required=False)
         sqlstate = self._sqlstate(at, data.get("sqlstate"), expect)
         contains = self._contains(at, data.get("rewritten_contains"), expect)
+        glass = self._break_glass(
+            (*at, "break_glass"), data.get("break_glass", False), role, policy
+        )
         if len(self.errors) > before or role is None or sql is None:
             return None
         line = self.doc.position(at)
         return Case(
-            index, line[0] if line else 0, role, sql, str(expect), name, sqlstate, contains, user
+            index,
+            line[0] if line else 0,
+            role,
+            sql,
+            str(expect),
+            name,
+            sqlstate,
+            contains,
+            user,
+            glass,
         )
+
+    def _break_glass(
+        self, at: YamlPath, value: object, role: str | None, policy: Policy | None
+    ) -> bool:
+        if not isinstance(value, bool):
+            self.error(at, "must be true or false")
+            return False
+        found = policy.roles.get(role) if policy is not None and role is not None else None
+        if value and found is not None and found.break_glass is None:
+            self.error(at, f'role "{role}" has no break_glass')
+        return value
 
     def _sqlstate(self, at: YamlPath, value: object, expect: object) -> str | None:
         if value is None:
@@ -460,8 +522,9 @@ def read_tests(path: Path) -> TestsFile:
 
 def check_case(engine: Engine, case: Case) -> str | None:
     """Why `case` fails, or None when it passes."""
-    user = default_user(engine.policy.roles[case.role], case.user)
-    ev = engine.evaluate(case.role, case.sql, user=user)
+    role = engine.policy.roles[case.role]
+    user = default_user(role.under_break_glass() if case.break_glass else role, case.user)
+    ev = engine.evaluate(case.role, case.sql, user=user, break_glass=case.break_glass)
     got = "allow" if ev.allowed else "refuse"
     if got != case.expect:
         detail = f"{ev.sqlstate} {ev.message}" if not ev.allowed else _short(ev.sql or case.sql)

@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from conftest import (
     deep_merge,
     users_file_text,
 )
+from test_log_events import assert_documented, documented
 from tlsutil import Pki
 
 from proxy.net.server import Server
@@ -292,6 +294,7 @@ def test_budget_refuses_new_records_and_keeps_seen_ones_free(
     exhausted = wait_for(proxy, "records.exhausted", 3)
     assert exhausted[0]["window"] == "day"
     assert exhausted[0]["budget"] == 120
+    assert_documented(proxy, documented(), {"records.exhausted"})
 
 
 def test_truncate_delivers_exactly_up_to_the_budget(launch: Launcher, pg: PgServer) -> None:
@@ -352,6 +355,9 @@ def test_decoy_through_psycopg_refuses_ends_the_session_and_locks(
 ) -> None:
     reset_ledger(pg)
     proxy = launch(policy(decoys=True) + QUIET)
+    other = launch(policy(decoys=True) + QUIET)  # another pgwarden on the same ledger
+    elsewhere = connect(other, "plain")
+    assert elsewhere.execute("SELECT id FROM people WHERE id = 1").fetchall() == [(1,)]
     with connect(proxy, "plain") as conn:
         assert len(conn.execute("SELECT id, email FROM people WHERE id < 40").fetchall()) == 39
         with pytest.raises(psycopg.Error) as caught:
@@ -364,8 +370,10 @@ def test_decoy_through_psycopg_refuses_ends_the_session_and_locks(
     # locked: a new login is refused, here and in another pgwarden on the same ledger
     with pytest.raises(psycopg.OperationalError, match="locked"):
         connect(proxy, "plain")
-    other = launch(policy(decoys=True) + QUIET)
+    assert_documented(proxy, documented(), {"decoy.touched", "user.locked", "conn.refused"})
     refused_eventually(other, "plain")
+    # and the session open there ends within seconds (the lock is re-read every 5 s)
+    assert _ended_eventually(elsewhere), "the other process's session went on"
     # ... and after a restart
     proxy.stop()
     again = launch(policy(decoys=True) + QUIET)
@@ -399,6 +407,26 @@ def refused_eventually(proxy: Proxy, user: str) -> None:
         assert time.monotonic() < deadline, "the lock did not reach the other process"
         time.sleep(0.1)
     assert "locked" in message
+
+
+def _ended_eventually(conn: psycopg.Connection[tuple[Any, ...]]) -> bool:
+    """The session gets the lock (FATAL 42501) and is closed, within the refresh time."""
+    deadline = time.monotonic() + 12
+    message = ""
+    with conn:
+        while time.monotonic() < deadline and not message:
+            try:
+                conn.execute("SELECT id FROM people WHERE id = 2").fetchall()
+            except psycopg.Error as exc:
+                message = str(exc)
+            time.sleep(0.2)
+        if "locked" not in message:
+            return False
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            return True  # closed by the server: not just one statement refused
+    return False
 
 
 def again_env() -> dict[str, str]:
@@ -518,6 +546,15 @@ def test_walking_ids_and_offset_paging_raise_alerts_honest_work_does_not(
     alerts = [e for e in proxy.events() if e.get("event") == "enumeration.alert"]
     assert [e for e in alerts if e.get("user") == "honest"] == []
     assert len(alerts) == 2  # one alert per kind and window, not one per statement
+    assert_documented(proxy, documented(), {"enumeration.alert"})
+    metrics = (
+        urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
+    assert 'pgwarden_enumeration_alerts_total{kind="id_run"} 1.0' in metrics
+    assert 'pgwarden_enumeration_alerts_total{kind="offset_paging"} 1.0' in metrics
+    assert 'pgwarden_enumeration_alerts_total{kind="lookups"} 0.0' in metrics
 
 
 def test_an_alert_with_action_lock_ends_the_walk(launch: Launcher, pg: PgServer) -> None:
@@ -529,6 +566,8 @@ def test_an_alert_with_action_lock_ends_the_walk(launch: Launcher, pg: PgServer)
     assert len(received) == 50  # the second page crossed 100: refused, nothing of it delivered
     locked = wait_for(proxy, "user.locked", user="walker")
     assert locked[0]["reason"] == "enumeration"
+    assert locked[0]["kind"] == "id_run"
+    assert_documented(proxy, documented(), {"user.locked", "enumeration.alert"})
     with pytest.raises(psycopg.OperationalError, match="locked"):
         connect(proxy, "walker")
 

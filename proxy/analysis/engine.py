@@ -21,6 +21,10 @@ Any parse error, recursion error, unknown node or unexpected failure is a refusa
 the engine is rebuilt on every policy or schema reload, so the cache never
 outlives either. A role whose rewrite depends on the user (`:user` in a row filter,
 a per-user hash) is analysed and cached per user: its key is (role, user, text).
+A statement of a session in break-glass is evaluated for the role's break-glass
+variant (`Role.under_break_glass`: other row filters and limits) and cached under
+its own key, so the two never share a verdict. `SET pgwarden.reason = '...'` (and
+its RESET) is recognised here: its Evaluation carries the reason for the gate.
 """
 
 from __future__ import annotations
@@ -47,10 +51,13 @@ from proxy.analysis.rewrite_errors import Refusal
 from proxy.analysis.roles import RoleView
 from proxy.analysis.template import Filler, Shape, filler_of, shape_of
 from proxy.analysis.verify import Verifier, deparse, reads_catalog_only, walk
-from proxy.policy.model import Policy, StatementKind
+from proxy.policy.model import Policy, Role, StatementKind
 
 PgNode = Any  # pglast's node classes are loosely typed
 PARSE_HINT = "Check the statement's syntax; pgwarden forwards only statements it can parse."
+REASON_SETTING = "pgwarden.reason"  # SET pgwarden.reason = '...' opens break-glass
+REASON_MAX = 200
+REASON_HINT = "State a ticket number, for example SET pgwarden.reason = 'CS-0042 fraud call'."
 
 _QUERY_KINDS: Mapping[type, StatementKind] = {
     ast.SelectStmt: "select",
@@ -101,6 +108,8 @@ class Evaluation:
     unknown_relation: bool = False  # refused because the snapshot lacks a relation
     internal: str = ""  # analysis failed unexpectedly: the exception type, for the log
     records: RecordSpec | None = None  # record accounting of the result rows (hidden keys)
+    # SET/RESET pgwarden.reason: the reason stated ("" closes break-glass); else None
+    reason: str | None = None
 
 
 @dataclass
@@ -116,6 +125,7 @@ class _Facts:
     # per query: it reads catalog relations only (no row cap: they describe objects, not data)
     catalog: list[bool] = field(default_factory=list)
     records: list[RecordSpec] = field(default_factory=list)  # per query showing records
+    reason: str | None = None  # SET/RESET pgwarden.reason: the reason ("" to close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,26 +159,31 @@ class Engine:
         self.policy = policy
         self.snapshot = snapshot
         self.hash_key = hash_key
-        self._roles: dict[tuple[str, str], RoleView] = {}
+        self._roles: dict[tuple[str, str, bool], RoleView] = {}
         self._forbidden: dict[str, frozenset[tuple[int, int]]] = {}
-        # (role, user or "" for a role that does not depend on it, text, extended)
-        self._cache: OrderedDict[tuple[str, str, str, bool], Evaluation] = OrderedDict()
+        # (role, user or "" for a role that does not depend on it, text, extended, break-glass)
+        self._cache: OrderedDict[tuple[str, str, str, bool, bool], Evaluation] = OrderedDict()
         self._cache_size = cache_size
-        # (role, user or "", template text) -> the template's verdict and its rewrite as
-        # segments, or None when statements of that template are analysed one by one.
-        self._templates: OrderedDict[tuple[str, str, str], _Templated | None] = OrderedDict()
+        # (role, user or "", template text, break-glass) -> the template's verdict and its
+        # rewrite as segments, or None when statements of that template are analysed one by one.
+        self._templates: OrderedDict[tuple[str, str, str, bool], _Templated | None] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def user_key(self, role: str, user: str) -> str:
-        """The user as far as `role`'s rewrites depend on it: `user`, or "" (one for all)."""
-        return user if self.policy.roles[role].per_user else ""
+    def role(self, role: str, *, break_glass: bool = False) -> Role:
+        """The policy's role, or its break-glass variant (KeyError, ValueError if none)."""
+        found = self.policy.roles[role]
+        return found.under_break_glass() if break_glass else found
 
-    def role_view(self, role: str, user: str = "") -> RoleView:
-        key = (role, self.user_key(role, user))
+    def user_key(self, role: str, user: str, *, break_glass: bool = False) -> str:
+        """The user as far as `role`'s rewrites depend on it: `user`, or "" (one for all)."""
+        return user if self.role(role, break_glass=break_glass).per_user else ""
+
+    def role_view(self, role: str, user: str = "", *, break_glass: bool = False) -> RoleView:
+        key = (role, self.user_key(role, user, break_glass=break_glass), break_glass)
         view = self._roles.get(key)
         if view is None:
-            found = self.policy.roles[role]
+            found = self.role(role, break_glass=break_glass)
             view = RoleView(self.policy, found, self.hash_key, user=key[1], snapshot=self.snapshot)
             self._roles[key] = view
         return view
@@ -188,54 +203,71 @@ class Engine:
         return found
 
     def evaluate(
-        self, role: str, sql: str, *, extended: bool = False, user: str = ""
+        self,
+        role: str,
+        sql: str,
+        *,
+        extended: bool = False,
+        user: str = "",
+        break_glass: bool = False,
     ) -> Evaluation:
-        """The verdict for `sql` run by `user`, a member of `role` (cached)."""
-        user = self.user_key(role, user)
-        key = (role, user, sql, extended)
+        """The verdict for `sql` run by `user`, a member of `role` (cached).
+
+        `break_glass`: under the role's break-glass rules (refused if it has none).
+        """
+        if break_glass and self.policy.roles[role].break_glass is None:
+            return _refused(_no_break_glass(role), _Facts())
+        user = self.user_key(role, user, break_glass=break_glass)
+        key = (role, user, sql, extended, break_glass)
         found = self._cache.get(key)
         if found is not None:
             self.hits += 1
             self._cache.move_to_end(key)
             return found
-        result = None if extended else self._from_template(role, sql, user)
+        result = None if extended else self._from_template(role, sql, user, break_glass)
         if result is None:
             self.misses += 1
-            result = self._evaluate(role, sql, extended, user)
+            result = self._evaluate(role, sql, extended, user, break_glass)
         self._cache[key] = result
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return result
 
-    def _from_template(self, role: str, sql: str, user: str) -> Evaluation | None:
+    def _from_template(
+        self, role: str, sql: str, user: str, break_glass: bool = False
+    ) -> Evaluation | None:
         """The verdict of `sql` from its literal template (proxy/analysis/template.py)."""
         if self.policy.roles[role].unrestricted:
             return None
         shape = shape_of(sql)
         if shape is None:
             return None
-        key = (role, user, shape.template)
+        key = (role, user, shape.template, break_glass)
         if key in self._templates:
             self.hits += 1
             self._templates.move_to_end(key)
             entry = self._templates[key]
         else:  # analysed once, as a statement with parameters (counted as the miss)
-            verdict = self.evaluate(role, shape.template, extended=True, user=user)
+            verdict = self.evaluate(
+                role, shape.template, extended=True, user=user, break_glass=break_glass
+            )
             entry = _Templated.of(verdict, shape)
             self._templates[key] = entry
             if len(self._templates) > self._cache_size:
                 self._templates.popitem(last=False)
         return None if entry is None else entry.fill(shape.literals)
 
-    def _evaluate(self, role: str, sql: str, extended: bool, user: str = "") -> Evaluation:
-        found = self.policy.roles[role]
+    def _evaluate(
+        self, role: str, sql: str, extended: bool, user: str = "", break_glass: bool = False
+    ) -> Evaluation:
+        found = self.role(role, break_glass=break_glass)
         if found.unrestricted:
             return Evaluation(True, reasons=("role is unrestricted",))
         facts = _Facts()
         try:
             if found.per_user and not user:  # a per-user rewrite for nobody: fail closed
                 raise Refusal(f'pgwarden: role "{role}" needs a user; refused')
-            view = self.role_view(role, user)
+            view = self.role_view(role, user, break_glass=break_glass)
             text = self._statements(view, sql, extended, facts)
         except Refusal as refusal:
             return _refused(refusal, facts)
@@ -273,6 +305,7 @@ class Engine:
             classified=facts.cursor_rows or any(t in self.policy.classify for t in facts.tables),
             cursor=facts.cursors[0] if len(facts.kinds) == 1 and facts.cursors else None,
             records=merged(facts.records),
+            reason=facts.reason,
         )
 
     # --- statements --------------------------------------------------------------
@@ -311,6 +344,8 @@ class Engine:
             stmt.query = pglast.parse_sql(text)[0].stmt
             facts.cursors.append((str(stmt.portalname), True))
             return deparse(stmt)
+        if isinstance(stmt, ast.VariableSetStmt) and (stmt.name or "").lower() == REASON_SETTING:
+            return self._reason(role, stmt, facts)
         if isinstance(stmt, _SESSION):
             _check_session(stmt)
             facts.kinds.append("session")
@@ -326,6 +361,26 @@ class Engine:
             f"Role {role.name} may run: {', '.join(sorted(role.role.statements)) or 'nothing'}, "
             "and session commands (BEGIN, COMMIT, SET of presentation settings, SHOW, FETCH).",
         )
+
+    def _reason(self, role: RoleView, stmt: PgNode, facts: _Facts) -> str:
+        """SET/RESET pgwarden.reason: the reason that opens (or "" closes) break-glass."""
+        if self.policy.roles[role.name].break_glass is None:
+            raise _no_break_glass(role.name)
+        if not facts.single:
+            raise Refusal(
+                f"pgwarden: SET {REASON_SETTING} must be sent alone, not with other "
+                "statements; refused",
+                REASON_HINT,
+            )
+        if stmt.is_local:
+            raise Refusal(
+                f"pgwarden: SET LOCAL {REASON_SETTING} is refused: break-glass lasts for "
+                "its configured time, not for a transaction",
+                f"Use SET {REASON_SETTING} = '...' (or SET SESSION).",
+            )
+        facts.kinds.append("session")
+        facts.reason = _reason_text(stmt)
+        return deparse(stmt)
 
     def _require(self, role: RoleView, kind: StatementKind, facts: _Facts) -> None:
         if kind not in role.role.statements:
@@ -543,6 +598,38 @@ def _check_session(stmt: PgNode) -> None:
                 "Presentation and timeout settings (application_name, DateStyle, TimeZone, "
                 "extra_float_digits, statement_timeout, ...) may be set.",
             )
+
+
+def _no_break_glass(role: str) -> Refusal:
+    return Refusal(
+        f'pgwarden: role "{role}" has no break-glass; SET {REASON_SETTING} refused',
+        "Ask the security team for wider access; stating a reason widens nothing for this role.",
+    )
+
+
+def _reason_text(stmt: PgNode) -> str:
+    """The reason of a SET pgwarden.reason ("" for RESET, TO DEFAULT or ''); else Refusal."""
+    if stmt.kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
+        return ""
+    args: tuple[PgNode, ...] = tuple(stmt.args or ())
+    value = getattr(args[0], "val", None) if len(args) == 1 else None
+    if stmt.kind != VariableSetKind.VAR_SET_VALUE or not isinstance(value, ast.String):
+        raise Refusal(
+            f"pgwarden: {REASON_SETTING} takes one quoted text; refused",
+            REASON_HINT,
+            sqlstate="22023",
+        )
+    text = str(value.sval)
+    if not text:
+        return ""
+    if not text.strip() or not text.isprintable() or len(text) > REASON_MAX:
+        raise Refusal(
+            f"pgwarden: a break-glass reason must be printable text of 1 to {REASON_MAX} "
+            "characters, on one line; refused",
+            REASON_HINT + " It is logged as typed: never put customer data in it.",
+            sqlstate="22023",
+        )
+    return text
 
 
 def _tag(stmt: PgNode) -> str:

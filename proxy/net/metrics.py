@@ -169,6 +169,9 @@ class Metrics:
         self._refused = {r: self._conn_refused.labels(reason=r) for r in REFUSAL_REASONS}
         self._limit_cap = self._limit_hits.labels(kind="cap")
         self._limit_quota = self._limit_hits.labels(kind="quota")
+        self._records_out = {w: self._records_exhausted.labels(window=w) for w in _WINDOWS}
+        self._alert_kinds = {k: self._alerts.labels(kind=k) for k in _ALERT_KINDS}
+        self._lock_reasons = {r: self._locks.labels(reason=r) for r in _LOCK_REASONS}
         self._reload_ok = self._policy_reloads.labels(result="loaded")
         self._reload_bad = self._policy_reloads.labels(result="rejected")
         self.registry.register(_CacheCollector(self))
@@ -186,6 +189,11 @@ class Metrics:
             "backstop.tripped": lambda _: self._backstop_trips.inc(),
             "analysis.failed": lambda _: self._analysis_failures.inc(),
             "upstream.error": lambda _: self._upstream_errors.inc(),
+            "break_glass.opened": self._on_break_glass,
+            "records.exhausted": lambda f: self._records_out[f["window"]].inc(),
+            "decoy.touched": lambda _: self._decoys.inc(),
+            "enumeration.alert": lambda f: self._alert_kinds[f["kind"]].inc(),
+            "user.locked": lambda f: self._lock_reasons[f["reason"]].inc(),
         }
 
     def _define_series(self) -> None:
@@ -253,6 +261,35 @@ class Metrics:
         self._upstream_errors = Counter(
             "pgwarden_upstream_errors", "Failures to reach the upstream database.", registry=r
         )
+        self._records_exhausted = Counter(
+            "pgwarden_records_exhausted",
+            "Statements stopped by a distinct-record budget, by window (day, 7d, 30d).",
+            ["window"],
+            registry=r,
+        )
+        self._decoys = Counter(
+            "pgwarden_decoys_touched",
+            "Statements whose result held a planted (decoy) record: refused, user locked.",
+            registry=r,
+        )
+        self._alerts = Counter(
+            "pgwarden_enumeration_alerts",
+            "Enumeration alerts, by kind (lookups, id_run, offset_paging).",
+            ["kind"],
+            registry=r,
+        )
+        self._locks = Counter(
+            "pgwarden_users_locked",
+            "Users locked, by reason (decoy, enumeration).",
+            ["reason"],
+            registry=r,
+        )
+        self._break_glass = Counter(
+            "pgwarden_break_glass_opened",
+            "Break-glass windows opened (a reason stated), by role.",
+            ["role"],
+            registry=r,
+        )
 
     # -- events -----------------------------------------------------------------
 
@@ -280,6 +317,10 @@ class Metrics:
         reason = fields.get("reason")
         child = self._refused.get(reason) if isinstance(reason, str) else None
         (child if child is not None else self._refused["other"]).inc()
+
+    def _on_break_glass(self, fields: Mapping[str, Any]) -> None:
+        role = fields.get("role")
+        self._break_glass.labels(role=role if isinstance(role, str) else "").inc()
 
     def _on_statement(self, fields: Mapping[str, Any]) -> None:
         role = fields.get("role")
@@ -455,3 +496,8 @@ def _response(status: int, content_type: str, body: bytes, *, extra: bytes = b""
         "Connection: close\r\n"
     ).encode()
     return head + extra + b"\r\n" + body
+
+
+_WINDOWS = ("day", "7d", "30d")
+_ALERT_KINDS = ("lookups", "id_run", "offset_paging")
+_LOCK_REASONS = ("decoy", "enumeration")

@@ -89,6 +89,7 @@ class RecordBook:
         self.watcher = Watcher()
         self._seen: dict[str, _Seen] = {}
         self._locks: dict[str, Lock] = {}
+        self._lock_read: dict[str, float] = {}  # monotonic time of the last lock read
         self._loading: set[str] = set()
         self._unwritten: dict[str, dict[int, float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -113,10 +114,13 @@ class RecordBook:
             return False
         finally:
             self._loading.discard(user)
+        self._lock_read[user] = time.monotonic()
         if lock is None:
             self._locks.pop(user, None)
-        else:
+        elif user not in self._locks:
             self._locks[user] = Lock(lock[0], lock[1], orjson.loads(lock[2]))
+            if self.on_lock is not None:  # locked by another process: end sessions here
+                self.on_lock(user)
         if records:
             recs = dict(seen)
             for rec, at in pending.items():
@@ -125,7 +129,32 @@ class RecordBook:
         return True
 
     def locked(self, user: str) -> Lock | None:
+        """`user`'s lock as known here; re-read from the ledger at most every REFRESH_S.
+
+        So a lock set by another process (or lifted by `pgwarden quota unlock`) reaches
+        this one within REFRESH_S of the user's next statement; a lock found that way
+        ends the user's sessions here too.
+        """
+        now = time.monotonic()
+        if now - self._lock_read.get(user, float("-inf")) > self.REFRESH_S:
+            self._lock_read[user] = now
+            self._keep(asyncio.ensure_future(self._read_lock(user)))
         return self._locks.get(user)
+
+    async def _read_lock(self, user: str) -> None:
+        try:
+            found = await self.ledger.lock_of(user)
+        except LedgerUnavailable as exc:
+            self._ledger_error(error=exc.reason, during="read")
+            return
+        if found is None:
+            if self._locks.pop(user, None) is not None:
+                self.watcher.forget(user)  # unlocked elsewhere: a fresh start
+            return
+        if user not in self._locks:
+            self._locks[user] = Lock(found[0], found[1], orjson.loads(found[2]))
+            if self.on_lock is not None:
+                self.on_lock(user)
 
     def ready(self, user: str) -> bool:
         """Whether `user`'s records are known (refreshed in the background when stale)."""

@@ -51,9 +51,9 @@ from proxy.net.workers import (
     worker_of,
 )
 from proxy.policy import Policy, load_policy
-from proxy.policy.model import Limits, policy_changes
+from proxy.policy.model import Limits, break_glass_bucket, policy_changes
 from proxy.quota import LedgerUnavailable, has_quota
-from proxy.session.gate import Gate, Principal, gate_for, locked_error
+from proxy.session.gate import Gate, PolicyGate, Principal, gate_for, locked_error
 from proxy.session.machine import (
     Cancel,
     Close,
@@ -119,6 +119,7 @@ _JOIN_BELOW = 64 * 1024
 
 _ERROR_EVENTS = frozenset({"backstop.tripped", "analysis.failed"})
 _CRITICAL_EVENTS = frozenset({"decoy.touched", "user.locked"})
+_INFO_EVENTS = frozenset({"break_glass.closed"})
 
 
 class GateSources:
@@ -623,6 +624,8 @@ class ClientConnection(asyncio.Protocol):
                 self.log.error(event, **fields)
             elif event in _CRITICAL_EVENTS:
                 self.log.critical(event, **fields)
+            elif event in _INFO_EVENTS:
+                self.log.info(event, **fields)
             else:  # auth.failed, upstream.error, limit.exceeded, quota.exhausted
                 if event == "auth.failed" and fields.get("reason") != "no role":
                     self.server.throttle.failed(self.address)
@@ -670,6 +673,8 @@ class ClientConnection(asyncio.Protocol):
             role = server.policy.roles.get(gate.principal.role)
             if role is not None and has_quota(role.limits):
                 await server.quotas.load(gate.principal.user)
+            if role is not None and role.break_glass is not None:  # its own small quota
+                await server.quotas.load(break_glass_bucket(gate.principal.user))
             budgets = role is not None and role.limits is not None and role.limits.record_budgets()
             await server.records.load(gate.principal.user, records=bool(budgets))
             if server.records.locked(gate.principal.user) is not None and not self.closed:
@@ -762,6 +767,10 @@ class ClientConnection(asyncio.Protocol):
         server.connections.pop(s.key[0], None)
         if s.gate is not None and s.user is not None:
             server.gate_closed(s.user)
+        if isinstance(s.gate, PolicyGate) and s.gate.window is not None:  # break-glass ends
+            self.log.info(
+                "break_glass.closed", **s.gate.closing_fields(s.gate.window, "session_end")
+            )
         if self.slot is not None and server.link is not None:
             server.link.release(self.slot)
         if self.upstream is not None:

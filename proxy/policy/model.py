@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
@@ -99,6 +99,32 @@ class Alerts:
 
 DEFAULT_ALERTS = Alerts()
 
+# break_glass: the window's bounds, and the small quota that applies when limits are left out
+BREAK_GLASS_DURATION_S = 900
+BREAK_GLASS_MIN_S = 60
+BREAK_GLASS_MAX_S = 86400
+BREAK_GLASS_LIMITS = Limits(rows_per_query=20, rows_per_hour=100, rows_per_day=200)
+BREAK_GLASS_BUCKET = "#break_glass"  # ledger user of the break-glass quota: alice#break_glass
+
+
+@dataclass(frozen=True, slots=True)
+class BreakGlass:
+    """A role's break-glass rules: what applies for duration_s after a stated reason.
+
+    Masks, tables and statements stay the role's; `row_filter` replaces the role's
+    filters (empty: every filter lifted) and `limits` its caps and quotas, charged to
+    a quota of their own (the ledger user `USER#break_glass`).
+    """
+
+    duration_s: int = BREAK_GLASS_DURATION_S
+    row_filter: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    limits: Limits = BREAK_GLASS_LIMITS
+
+
+def break_glass_bucket(user: str) -> str:
+    """The ledger user that `user`'s break-glass rows are charged to."""
+    return user + BREAK_GLASS_BUCKET
+
 
 @dataclass(frozen=True, slots=True)
 class Role:
@@ -125,6 +151,13 @@ class Role:
         )
 
     alerts: Alerts | None = DEFAULT_ALERTS  # None: `alerts: off`
+    break_glass: BreakGlass | None = None  # None: a stated reason widens nothing
+
+    def under_break_glass(self) -> Role:
+        """The role as it applies during break-glass: its filters and limits replaced."""
+        if self.break_glass is None:
+            raise ValueError(f"role {self.name} has no break_glass")
+        return replace(self, row_filter=self.break_glass.row_filter, limits=self.break_glass.limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +203,12 @@ class Policy:
         return sum(len(columns) for columns in self.classify.values())
 
 
+def _change(before: object, after: object) -> str:
+    if before is None:
+        return "added"
+    return "removed" if after is None else "changed"
+
+
 def has_user_placeholder(text: str) -> bool:
     """Whether a row filter names :user (a rough test: it only widens per-user caching)."""
     return re.search(r":user\b", text) is not None
@@ -206,6 +245,10 @@ def policy_changes(old: Policy, new: Policy) -> dict[str, object]:
             role["rules_changed"] = True
         if before.mode != after.mode:
             role["mode"] = after.mode
+        if before.row_filter != after.row_filter:
+            role["row_filter_changed"] = True
+        if before.break_glass != after.break_glass:
+            role["break_glass"] = _change(before.break_glass, after.break_glass)
         if role:
             changes[name] = role
     if old.classify != new.classify:

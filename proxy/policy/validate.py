@@ -27,6 +27,10 @@ from proxy.policy.model import (
     ACTIONS,
     ALERT_ACTIONS,
     ANY_TAG,
+    BREAK_GLASS_DURATION_S,
+    BREAK_GLASS_LIMITS,
+    BREAK_GLASS_MAX_S,
+    BREAK_GLASS_MIN_S,
     DEFAULT_ALERTS,
     LOOKUPS,
     MASKS,
@@ -36,6 +40,7 @@ from proxy.policy.model import (
     Action,
     AlertAction,
     Alerts,
+    BreakGlass,
     ColumnRule,
     Limits,
     Lookup,
@@ -59,7 +64,10 @@ ROLE_KEYS = (
     "alerts",
     "unrestricted",
     "mode",
+    "break_glass",
 )
+BREAK_GLASS_KEYS = ("duration_s", "row_filter", "limits")
+_BREAK_GLASS_LIMIT_KEYS = ("rows_per_query", "rows_per_hour", "rows_per_day", "on_exceed")
 RULE_KEYS = ("mask", "lookup", "first", "last", "per_user")
 LIMIT_KEYS = (
     "rows_per_query",
@@ -72,7 +80,16 @@ LIMIT_KEYS = (
 )
 _CAP_KEYS = tuple(k for k in LIMIT_KEYS if k != "on_exceed")
 ALERT_KEYS = ("window_s", "distinct_lookups", "id_run", "offset_pages", "action")
-RESTRICTED_ONLY = ("statements", "tables", "columns", "row_filter", "limits", "alerts", "mode")
+RESTRICTED_ONLY = (
+    "statements",
+    "tables",
+    "columns",
+    "row_filter",
+    "limits",
+    "alerts",
+    "mode",
+    "break_glass",
+)
 
 _IDENT = re.compile(r"[^\W\d][\w$]*")
 _PATTERN_PART = re.compile(r"(?:[^\W\d]|\*)[\w$*]*")
@@ -292,6 +309,54 @@ class Checker:
             if "alerts" in body
             else DEFAULT_ALERTS,
             mode=self.mode(path, body),
+            break_glass=self.break_glass((*path, "break_glass"), body["break_glass"], tables)
+            if "break_glass" in body
+            else None,
+        )
+
+    # --- break_glass ------------------------------------------------------------
+
+    def break_glass(
+        self, path: YamlPath, section: object, tables: tuple[str, ...]
+    ) -> BreakGlass | None:
+        """duration_s, row_filter (default: none) and limits (default: a small quota)."""
+        if not isinstance(section, dict):
+            self.error(path, f"must be a mapping ({', '.join(BREAK_GLASS_KEYS)})")
+            return None
+        self.unknown_keys(path, section, BREAK_GLASS_KEYS)
+        duration = section.get("duration_s", BREAK_GLASS_DURATION_S)
+        if type(duration) is not int or not BREAK_GLASS_MIN_S <= duration <= BREAK_GLASS_MAX_S:
+            self.error(
+                (*path, "duration_s"),
+                f"must be a whole number of seconds from {BREAK_GLASS_MIN_S} "
+                f"to {BREAK_GLASS_MAX_S}",
+            )
+            duration = BREAK_GLASS_DURATION_S
+        row_filter = self.row_filter(path, section, tables)
+        return BreakGlass(
+            duration_s=duration,
+            row_filter=MappingProxyType(row_filter),
+            limits=self.break_glass_limits((*path, "limits"), section.get("limits", {})),
+        )
+
+    def break_glass_limits(self, path: YamlPath, section: object) -> Limits:
+        """Each key left out takes the default: a break-glass window is never uncapped."""
+        if not isinstance(section, dict):
+            self.error(path, f"must be a mapping ({', '.join(_BREAK_GLASS_LIMIT_KEYS)})")
+            return BREAK_GLASS_LIMITS
+        for name in section:
+            if name in LIMIT_KEYS and name not in _BREAK_GLASS_LIMIT_KEYS:
+                self.error(
+                    (*path, name),
+                    f"not available under break_glass (keys: {', '.join(_BREAK_GLASS_LIMIT_KEYS)})",
+                    key=True,
+                )
+        given = self.limits(path, section) or BREAK_GLASS_LIMITS
+        return Limits(
+            rows_per_query=given.rows_per_query or BREAK_GLASS_LIMITS.rows_per_query,
+            rows_per_hour=given.rows_per_hour or BREAK_GLASS_LIMITS.rows_per_hour,
+            rows_per_day=given.rows_per_day or BREAK_GLASS_LIMITS.rows_per_day,
+            on_exceed=given.on_exceed,
         )
 
     def row_filter(

@@ -11,14 +11,25 @@ unrestricted role's would, and what enforcement would have done goes to the log.
 
 Fail closed: while no engine is available (the upstream schema is not loaded yet),
 a restricted role's statements are refused, never passed through.
+
+Break-glass (a role with `break_glass`): `SET pgwarden.reason = '...'` opens a window
+of the role's duration_s for this session (PolicyGate keeps it; a new connection
+starts without one). While it is open, statements are evaluated under the role's
+break-glass rules, capped and charged to the quota bucket USER#break_glass, and
+their audit carries the reason. The window is checked against the gate's clock at
+every statement and Bind: once it has passed, the next statement is back under the
+normal rules. A statement prepared in one window (or outside any) is bound only
+in that same state. Events (break_glass.opened/closed) ride out on the verdicts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -27,7 +38,7 @@ from proxy.analysis.fingerprint import UNPARSABLE, fingerprint
 from proxy.analysis.records import RecordSpec
 from proxy.enumeration import Alert
 from proxy.errors import PgWardenError, PolicyRefusal
-from proxy.policy.model import Alerts, Limits, Role
+from proxy.policy.model import Alerts, Limits, Role, break_glass_bucket
 from proxy.quota import has_quota
 
 
@@ -51,6 +62,8 @@ class Audit:
     extended: bool = False  # came in a Parse (else a simple Query): replay needs to know
     # shadow mode: what enforcement would have done (shadow_* fields of the event)
     shadow: tuple[tuple[str, object], ...] = ()
+    # break-glass: break_glass and break_glass_reason (fields of the event)
+    break_glass: tuple[tuple[str, object], ...] = ()
 
 
 @lru_cache(maxsize=4096)
@@ -85,6 +98,8 @@ class Allow:
     audit: Audit | None = None
     policy_version: str = ""  # the policy it was checked under (restricted roles)
     records: RecordSpec | None = None  # the rows are accounted record by record
+    bucket: str = ""  # the ledger user its rows are charged to ("": the user's own)
+    events: tuple[tuple[str, dict[str, object]], ...] = ()  # to log (break_glass.*)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +109,7 @@ class Refuse:
     error: PgWardenError
     internal: str = ""  # set when analysis itself failed (a pgwarden limitation or bug)
     audit: Audit | None = None
+    events: tuple[tuple[str, dict[str, object]], ...] = ()  # to log (break_glass.*)
 
 
 Verdict = Allow | Refuse
@@ -130,8 +146,11 @@ class Gate(Protocol):
         """Rows one statement delivered to the client (called when it completes)."""
         ...
 
-    def charge(self, rows: int) -> None:
-        """Rows of a quota-counted statement were delivered (per statement or batch)."""
+    def charge(self, rows: int, bucket: str = "") -> None:
+        """Rows of a quota-counted statement were delivered (per statement or batch).
+
+        `bucket`: the ledger user of the statement's Allow ("": the user's own).
+        """
         ...
 
     def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
@@ -172,7 +191,7 @@ class PassThroughGate:
     def rows_returned(self, count: int) -> None:
         return None
 
-    def charge(self, rows: int) -> None:
+    def charge(self, rows: int, bucket: str = "") -> None:
         return None
 
     def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
@@ -231,6 +250,22 @@ class RecordKeeper(Protocol):
     def lock(self, user: str, reason: str, details: Mapping[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class BreakGlassWindow:
+    """An open break-glass window of one session."""
+
+    reason: str  # as the user typed it (logged verbatim)
+    until: float  # on the gate's clock
+    serial: int  # which window of the session: a prepared statement belongs to one
+
+    @property
+    def audit(self) -> tuple[tuple[str, object], ...]:
+        return (("break_glass", True), ("break_glass_reason", self.reason))
+
+
+_WINDOW_TAG = "#break_glass:"  # policy_version suffix of a statement prepared in a window
+
+
 class PolicyGate:
     """A restricted role: every statement is analysed and rewritten by the engine.
 
@@ -239,14 +274,30 @@ class PolicyGate:
     refused from then on.
     """
 
-    __slots__ = ("_source", "forbidden", "principal")
+    __slots__ = ("_clock", "_pending", "_serial", "_source", "forbidden", "principal", "window")
 
-    def __init__(self, principal: Principal, source: EngineSource) -> None:
+    def __init__(
+        self,
+        principal: Principal,
+        source: EngineSource,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.principal = principal
         self._source = source
+        self._clock = clock
         self.forbidden: frozenset[tuple[int, int]] = frozenset()
+        self.window: BreakGlassWindow | None = None  # break-glass, while open
+        self._serial = 0
+        self._pending: list[tuple[str, dict[str, object]]] = []  # events not yet handed out
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
+        verdict = self._check(sql, extended)
+        if not self._pending:
+            return verdict
+        events, self._pending = tuple(self._pending), []
+        return replace(verdict, events=verdict.events + events)
+
+    def _check(self, sql: str, extended: bool) -> Verdict:
         engine = self._source.engine
         if engine is None:
             return _NOT_READY
@@ -255,16 +306,33 @@ class PolicyGate:
             return Refuse(self._not_a_member())
         if self._source.records.locked(self.principal.user) is not None:
             return Refuse(locked_error(self.principal.user))
-        result = engine.evaluate(role.name, sql, extended=extended, user=self.principal.user)
+        self._expire(role)
+        window = self.window
+        result = engine.evaluate(
+            role.name,
+            sql,
+            extended=extended,
+            user=self.principal.user,
+            break_glass=window is not None,
+        )
         self.forbidden = engine.forbidden_fields(role.name)
-        audit = Audit(fingerprint(sql), ",".join(result.kinds), result.tables, extended)
+        if result.allowed and result.reason is not None:
+            self._state_reason(role, result.reason)
+        shown = self.window or window  # the statement that closes it still carries it
+        audit = Audit(
+            fingerprint(sql),
+            ",".join(result.kinds),
+            result.tables,
+            extended,
+            break_glass=shown.audit if shown is not None else (),
+        )
         if result.allowed:
-            verdict = self._allow(result, role)
+            verdict = self._allow(result, role, window)
             if isinstance(verdict, Allow):
                 return replace(
                     verdict,
                     audit=audit,
-                    policy_version=engine.policy.version_hash,
+                    policy_version=engine.policy.version_hash + _tag(window),
                     records=result.records,
                 )
             return replace(verdict, audit=audit)
@@ -273,9 +341,64 @@ class PolicyGate:
         error = PolicyRefusal(result.message, hint=result.hint or None, sqlstate=result.sqlstate)
         return Refuse(error, internal=result.internal, audit=audit)
 
-    def _allow(self, result: Evaluation, role: Role) -> Verdict:
+    # --- break-glass ---------------------------------------------------------------
+
+    def _state_reason(self, role: Role, reason: str) -> None:
+        """SET pgwarden.reason: open a window (a new one if one is open), or close it."""
+        config = role.break_glass
+        if not reason or config is None:
+            self._close("reset")
+            return
+        if self.window is not None:
+            self._close("reopened")
+        self._serial += 1
+        self.window = BreakGlassWindow(reason, self._clock() + config.duration_s, self._serial)
+        until = datetime.now(UTC) + timedelta(seconds=config.duration_s)
+        self._pending.append(
+            (
+                "break_glass.opened",
+                {
+                    "user": self.principal.user,
+                    "role": role.name,
+                    "reason": reason,
+                    "duration_s": config.duration_s,
+                    "until": until.isoformat(timespec="seconds"),
+                },
+            )
+        )
+
+    def _expire(self, role: Role) -> None:
+        """Close the window once its time is up, or once the policy no longer has it."""
+        if self.window is None:
+            return
+        if role.break_glass is None:
+            self._close("policy")
+        elif self._clock() >= self.window.until:
+            self._close("expired")
+
+    def _close(self, why: str) -> None:
+        window, self.window = self.window, None
+        if window is not None:
+            self._pending.append(("break_glass.closed", self.closing_fields(window, why)))
+
+    def closing_fields(self, window: BreakGlassWindow, why: str) -> dict[str, object]:
+        """The fields of break_glass.closed (also logged by the server at session end)."""
+        return {
+            "user": self.principal.user,
+            "role": self.principal.role,
+            "reason": window.reason,
+            "why": why,
+        }
+
+    def _limits(self, role: Role, window: BreakGlassWindow | None) -> tuple[Limits | None, str]:
+        """The limits that apply now, and the ledger user they are charged to."""
+        if window is not None and role.break_glass is not None:
+            return role.break_glass.limits, break_glass_bucket(self.principal.user)
+        return role.limits, ""
+
+    def _allow(self, result: Evaluation, role: Role, window: BreakGlassWindow | None) -> Verdict:
         """Allow, with the row cap: rows_per_query, or what is left of a quota if less."""
-        limits = role.limits
+        limits, bucket = self._limits(role, window)
         if (
             result.records is not None
             and _budgets(role)
@@ -288,7 +411,7 @@ class PolicyGate:
                 result.sql, result.cap, result.truncate, cursor=result.cursor, tables=result.tables
             )
         assert limits is not None
-        left = self._source.quota_left(self.principal.user, limits)
+        left = self._source.quota_left(bucket or self.principal.user, limits)
         if isinstance(left, PgWardenError):
             return Refuse(left)
         if result.cap is not None and result.cap <= left:
@@ -300,6 +423,7 @@ class PolicyGate:
                 base_cap=result.cap,
                 cursor=result.cursor,
                 tables=result.tables,
+                bucket=bucket,
             )
         return Allow(
             result.sql,
@@ -310,13 +434,14 @@ class PolicyGate:
             base_cap=result.cap,
             cursor=result.cursor,
             tables=result.tables,
+            bucket=bucket,
         )
 
     def rows_returned(self, count: int) -> None:
         return None
 
-    def charge(self, rows: int) -> None:
-        self._source.charge(self.principal.user, rows)
+    def charge(self, rows: int, bucket: str = "") -> None:
+        self._source.charge(bucket or self.principal.user, rows)
 
     def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
         engine = self._source.engine
@@ -327,15 +452,16 @@ class PolicyGate:
             return self._not_a_member()
         if self._source.records.locked(self.principal.user) is not None:
             return locked_error(self.principal.user)
-        if prepared is None or not self._still_holds(engine, role, prepared, self.principal.user):
-            return PolicyRefusal(
-                "pgwarden: the policy changed since this statement was prepared; Bind refused",
-                hint="Prepare the statement again (reconnecting does it for most drivers).",
-            )
-        if not counted or not has_quota(role.limits):
+        self._expire(role)  # its event goes out with the next statement's verdict
+        window = self.window
+        stale = self._stale(engine, role, prepared, window)
+        if stale is not None:
+            return stale
+        limits, bucket = self._limits(role, window)
+        if not counted or not has_quota(limits):
             return None  # a statement that reads no classified table is never held back
-        assert role.limits is not None
-        return self._source.quota_left(self.principal.user, role.limits)
+        assert limits is not None
+        return self._source.quota_left(bucket or self.principal.user, limits)
 
     def account(self, spec: RecordSpec, rows: list[KeyRow], *, held: bool) -> Accounting:
         engine = self._source.engine
@@ -404,12 +530,39 @@ class PolicyGate:
         """Lock the user in every process (a decoy touched, an alert with action: lock)."""
         self._source.records.lock(self.principal.user, reason, details)
 
+    def _stale(
+        self,
+        engine: Engine,
+        role: Role,
+        prepared: Prepared | None,
+        window: BreakGlassWindow | None,
+    ) -> PgWardenError | None:
+        """Why a prepared statement may not be bound now, or None."""
+        if prepared is not None and _window_of(prepared.policy_version) != _tag(window):
+            return PolicyRefusal(
+                "pgwarden: break-glass opened or ended since this statement was prepared; "
+                "Bind refused",
+                hint="Prepare the statement again (send it again, or reconnect).",
+            )
+        if prepared is None or not self._still_holds(
+            engine, role, prepared, self.principal.user, window
+        ):
+            return PolicyRefusal(
+                "pgwarden: the policy changed since this statement was prepared; Bind refused",
+                hint="Prepare the statement again (reconnecting does it for most drivers).",
+            )
+        return None
+
     @staticmethod
-    def _still_holds(engine: Engine, role: Role, prepared: Prepared, user: str) -> bool:
+    def _still_holds(
+        engine: Engine, role: Role, prepared: Prepared, user: str, window: BreakGlassWindow | None
+    ) -> bool:
         """Prepared under this policy, or the current one makes the very same text."""
-        if prepared.policy_version == engine.policy.version_hash:
+        if prepared.policy_version == engine.policy.version_hash + _tag(window):
             return True
-        again = engine.evaluate(role.name, prepared.sql, extended=True, user=user)
+        again = engine.evaluate(
+            role.name, prepared.sql, extended=True, user=user, break_glass=window is not None
+        )
         return again.allowed and again.sql == prepared.sent
 
     def _role(self, engine: Engine) -> Role | None:
@@ -423,6 +576,16 @@ class PolicyGate:
             f'"{self.principal.role}"; statement refused',
             hint="The policy changed; reconnect to get your current role.",
         )
+
+
+def _tag(window: BreakGlassWindow | None) -> str:
+    """What a statement's policy_version says of the break-glass window it was checked in."""
+    return "" if window is None else f"{_WINDOW_TAG}{window.serial}"
+
+
+def _window_of(policy_version: str) -> str:
+    at = policy_version.find(_WINDOW_TAG)
+    return policy_version[at:] if at >= 0 else ""
 
 
 def _budgets(role: Role) -> tuple[tuple[str, float, int], ...]:
@@ -519,7 +682,7 @@ class ShadowGate:
     def rows_returned(self, count: int) -> None:
         return None
 
-    def charge(self, rows: int) -> None:
+    def charge(self, rows: int, bucket: str = "") -> None:
         return None  # shadow mode charges no quota
 
     def account(self, spec: RecordSpec, rows: list[KeyRow], *, held: bool) -> Accounting:

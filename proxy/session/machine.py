@@ -512,6 +512,8 @@ class Session:
         checking = self.config.clock() if self.config.statement_events else 0.0
         sql = fe.decode_query(data[pos:end])
         verdict = self.gate.check_statement(sql, extended=False)
+        if verdict.events:  # break_glass.opened / .closed
+            self.events.extend(verdict.events)
         self._prepared.discard(b"")  # a simple Query drops the unnamed statement
         if isinstance(verdict, Allow):
             cap = _RowCap.of(verdict)
@@ -554,6 +556,8 @@ class Session:
         name, query = fe.decode_parse_head(data, pos, end)
         self.statements += 1
         verdict = self.gate.check_statement(query, extended=True)
+        if verdict.events:  # break_glass.opened / .closed
+            self.events.extend(verdict.events)
         if isinstance(verdict, Allow):
             self._await(pl.PARSE)
             self._prepared.add(name)
@@ -1151,7 +1155,7 @@ class Session:
     def _charge(self, cap: _RowCap, delivered: int) -> None:
         """Rows of a statement that reads classified tables count against the quotas."""
         if cap.counted and delivered and not self._drop_until_ready and self.gate is not None:
-            self.gate.charge(delivered)
+            self.gate.charge(delivered, cap.bucket)
 
     def _keep_tail(self, data: bytes, view: memoryview, pos: int) -> None:
         n = len(data)
@@ -1292,6 +1296,7 @@ def _statement_fields(audit: Audit | None, verdict: str) -> dict[str, Any]:
     if audit is not None:
         fields["protocol"] = "extended" if audit.extended else "simple"
         fields.update(audit.shadow)  # shadow mode: what enforcement would have done
+        fields.update(audit.break_glass)  # break-glass: the reason stated
     return fields
 
 
@@ -1316,6 +1321,7 @@ class _RowCap:
     __slots__ = (
         "base",
         "batch",
+        "bucket",
         "by_quota",
         "counted",
         "cumulative",
@@ -1347,6 +1353,7 @@ class _RowCap:
         self.truncate = truncate
         self.counted = counted  # delivered rows are charged to the user's quotas
         self.by_quota = by_quota  # the limit is what is left of a quota, not rows_per_query
+        self.bucket = ""  # the ledger user its rows are charged to ("": the session's user)
         self.rows = 0  # rows the server sent for the statement (or portal) so far
         self.batch = 0  # rows delivered since the last completion message (truncate)
         self.delivered = 0  # rows of earlier batches (portal, cursor) already delivered
@@ -1369,6 +1376,7 @@ class _RowCap:
         )
         cap.tables = verdict.tables
         cap.records = verdict.records
+        cap.bucket = verdict.bucket
         return cap
 
     def fresh(self) -> _RowCap:
