@@ -56,7 +56,10 @@ SCENARIOS: dict[str, Scenario] = {
         "pgbench -S, unrestricted role",
     ),
     "lookup": Scenario(
-        "pgbench_lookup.py", ("--clients", "8"), ("--quick",), "masked point look-ups"
+        "pgbench_lookup.py",
+        ("--clients", "8", "--records"),
+        ("--quick", "--records"),
+        "masked point look-ups (and record accounting off / with budgets)",
     ),
     "bulk": Scenario("bulk_read.py", (), ("--quick",), "bulk read, psql to /dev/null"),
     "engine": Scenario("engine_cost.py", (), ("--quick",), "policy engine in process"),
@@ -188,6 +191,9 @@ def lookup_rows(result: dict[str, Any]) -> Iterator[Row]:
         yield _row(
             f"{where} pgwarden/pgbouncer", ratio, ">= 0.8", _at_least(ratio, 0.8), r.get("spread")
         )
+        for key in ("pgwarden/no-records", "budgets/no-records"):  # record accounting's cost
+            if (ratio := r["ratios"].get(key)) is not None:
+                yield _row(f"{where} {key}", ratio, "reported", None, r.get("spread"))
 
 
 def bulk_rows(result: dict[str, Any]) -> Iterator[Row]:

@@ -221,7 +221,8 @@ class _User:
                 table.pages.popleft()
             if table.empty():
                 del self.tables[name]
-        self.alerted = {k: t for k, t in self.alerted.items() if self.clock - t < window_s}
+        if self.alerted:
+            self.alerted = {k: t for k, t in self.alerted.items() if self.clock - t < window_s}
         return self.clock
 
     def table(self, name: str) -> _Table:

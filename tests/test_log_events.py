@@ -40,6 +40,7 @@ OPTIONAL = {
     "worker.exited": {"exit_code", "signal"},  # one or the other
     "conn.refused": {"user"},  # max_connections_per_user only
     "user.locked": {"table", "kind"},  # table for a decoy, kind for an alert
+    "quota.exhausted": {"on_exceed"},  # not when refused before it ran
 }
 
 

@@ -6,6 +6,9 @@ not only how many rows there were. The rewrite knows which FROM items of the
 top-level SELECT are classified tables (proxy/analysis/rewrite.py,
 `_locate_records`); for each of them this module appends one column to the
 statement's output, named `__pgw_rk<n>`, holding the record's primary key as text.
+The key columns come first, so the relay reads a row's keys from its first columns
+without walking the rest; positional ORDER BY and GROUP BY references move by as
+many places.
 The relay (proxy/session/machine.py) removes these columns from every
 RowDescription and DataRow before the client sees them, and hands the keys to the
 record book. The client's result is unchanged.
@@ -68,7 +71,12 @@ def add_key_columns(
     if not keyed and not unkeyed:
         return root, None
     paging = isinstance(root, exp.Query) and root.args.get("offset") is not None
-    if not keyable or not isinstance(root, exp.Select) or root.args.get("distinct") is not None:
+    if (
+        not keyable
+        or not isinstance(root, exp.Select)
+        or root.args.get("distinct") is not None
+        or _grouping_sets(root)
+    ):
         blind = frozenset({t for t, _ in keyed} | unkeyed)
         return root, RecordSpec(unkeyed=True, paging=paging, lookup=lookup, blind=blind)
     grouped = _aggregated(root)
@@ -83,7 +91,8 @@ def add_key_columns(
             key = exp.Case(ifs=[exp.If(this=once, true=exp.Min(this=key))])
         columns.append(exp.alias_(key, f"{HIDDEN_PREFIX}{index}", quoted=True, copy=False))
     if columns:
-        root.select(*columns, append=True, copy=False)
+        _shift_ordinals(root, len(columns))
+        root.set("expressions", [*columns, *root.expressions])
     spec = RecordSpec(
         tables=tuple(t for t, _ in keyed),
         grouped=grouped,
@@ -113,6 +122,30 @@ def _key_text(keys: list[exp.Column]) -> exp.Expression:
     if len(keys) == 1:
         return exp.cast(keys[0], "text")
     return exp.cast(exp.Anonymous(this="ROW", expressions=list(keys)), "text")
+
+
+def _grouping_sets(select: exp.Select) -> bool:
+    """GROUP BY with ROLLUP, CUBE or GROUPING SETS: left unkeyed (ordinals inside them)."""
+    group = select.args.get("group")
+    kinds = (exp.Rollup, exp.Cube, exp.GroupingSets)
+    return group is not None and (
+        any(group.args.get(k) for k in ("rollup", "cube", "grouping_sets"))
+        or any(isinstance(e, kinds) for e in group.expressions)
+    )
+
+
+def _shift_ordinals(select: exp.Select, by: int) -> None:
+    """`ORDER BY 2` and `GROUP BY 1` name output columns: move them past the key columns."""
+    order = select.args.get("order")
+    group = select.args.get("group")
+    items: list[exp.Expression] = []
+    if order is not None:
+        items += [o.this for o in order.expressions if isinstance(o, exp.Ordered)]
+    if group is not None:
+        items += list(group.expressions)
+    for item in items:
+        if isinstance(item, exp.Literal) and not item.is_string and item.this.isdigit():
+            item.replace(exp.Literal.number(int(item.this) + by))
 
 
 def _aggregated(select: exp.Select) -> bool:

@@ -23,6 +23,10 @@ Rules:
   at once and kept in memory; a locked user is refused at login and at every
   statement, in every pgwarden process that reads the same ledger, until
   `pgwarden quota unlock USER` or `pgwarden quota reset USER`.
+* A user's records are read whole at login and every FULL_READ_S; in between, the
+  reads every REFRESH_S fetch only records shown since shortly before the previous
+  read (SLACK_S covers a batch written late), so an active user costs one small
+  query every few seconds, not a reload of a month of records.
 * Counts per window are kept incrementally and recomputed from the timestamps at
   most every RECOUNT_S, so a record leaving a window is noticed up to RECOUNT_S
   late: the budget then errs on the strict side, never the lenient one.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,11 +64,15 @@ class Lock:
 class _Seen:
     recs: dict[int, float]  # record -> last shown (epoch seconds)
     read_at: float  # monotonic time of the last ledger read
+    full_at: float = float("-inf")  # monotonic time of the last full read
+    synced: float = float("-inf")  # clock() when the last read started
     counts: dict[str, int] = field(default_factory=dict)  # window name -> records in it
     counted_at: float = float("-inf")  # epoch seconds of the last full count
 
 
+@functools.lru_cache(maxsize=64)
 def alert_rules(alerts: Alerts) -> AlertRules:
+    """The watcher's rules for a policy's `alerts:` (made once per policy value)."""
     return AlertRules(
         window_s=alerts.window_s,
         distinct_lookups=alerts.distinct_lookups,
@@ -80,13 +89,17 @@ class RecordBook:
     BATCH_S = 0.05
     RETRY_S = 2.0
     RECOUNT_S = 60.0
+    FULL_READ_S = 600.0  # between them, reads fetch only what changed since the last one
+    SLACK_S = 60.0  # ... and since SLACK_S before it (a charge written late still shows)
     PRUNE_S = 600.0
 
     def __init__(self, ledger: Ledger, log: Any, clock: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
         self.log = log
         self.clock = clock  # wall time, epoch seconds (a test injects its own)
-        self.watcher = Watcher()
+        # 10,000 keys an hour is 50 times the default id_run threshold: past it a user has
+        # long been alerted, and the bound keeps each statement's watch cheap
+        self.watcher = Watcher(max_keys_per_user=10_000)
         self._seen: dict[str, _Seen] = {}
         self._locks: dict[str, Lock] = {}
         self._lock_read: dict[str, float] = {}  # monotonic time of the last lock read
@@ -102,12 +115,14 @@ class RecordBook:
 
     async def load(self, user: str, *, records: bool) -> bool:
         """Read `user`'s lock (and records shown, when `records`); False if the ledger failed."""
+        known = self._seen.get(user)
+        started, wall = time.monotonic(), self.clock()
+        full = known is None or started - known.full_at > self.FULL_READ_S
+        since = wall - RECORDS_KEPT_S if full or known is None else known.synced - self.SLACK_S
         try:
             async with self._io:
                 lock = await self.ledger.lock_of(user)
-                seen = (
-                    await self.ledger.seen(user, self.clock() - RECORDS_KEPT_S) if records else []
-                )
+                seen = await self.ledger.seen(user, since) if records else []
                 pending = dict(self._unwritten.get(user, {}))
         except LedgerUnavailable as exc:
             self._ledger_error(error=exc.reason, during="read")
@@ -122,11 +137,39 @@ class RecordBook:
             if self.on_lock is not None:  # locked by another process: end sessions here
                 self.on_lock(user)
         if records:
-            recs = dict(seen)
-            for rec, at in pending.items():
-                recs[rec] = max(at, recs.get(rec, at))
-            self._seen[user] = _Seen(recs, time.monotonic())
+            self._merge(user, seen, pending, full=full, started=(started, wall))
         return True
+
+    def _merge(
+        self,
+        user: str,
+        seen: list[tuple[int, float]],
+        pending: dict[int, float],
+        *,
+        full: bool,
+        started: tuple[float, float],
+    ) -> None:
+        """Fold a ledger read into what this process knows (never losing a later show)."""
+        known = self._seen.get(user)
+        if known is None:
+            known = self._seen[user] = _Seen({}, started[0], full_at=started[0])
+        recs = known.recs
+        if full:
+            ours = recs
+            recs = known.recs = dict(seen)
+            for rec, at in ours.items():
+                if at > recs.get(rec, float("-inf")):
+                    recs[rec] = at
+            known.full_at = started[0]
+        else:
+            for rec, at in seen:
+                if at > recs.get(rec, float("-inf")):
+                    recs[rec] = at
+        for rec, at in pending.items():
+            if at > recs.get(rec, float("-inf")):
+                recs[rec] = at
+        known.read_at, known.synced = started
+        known.counted_at = float("-inf")  # count the windows afresh
 
     def locked(self, user: str) -> Lock | None:
         """`user`'s lock as known here; re-read from the ledger at most every REFRESH_S.

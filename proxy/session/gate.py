@@ -475,8 +475,8 @@ class PolicyGate:
                 for table, key in zip(spec.tables, row, strict=True):
                     if key is not None and key in decoys.get(table, ()):
                         return Accounting(0, decoy=table)
-        named = [_record_ids(spec, row) for row in rows]
         budgets = _budgets(role)
+        named = [_record_ids(spec, row) for row in rows] if budgets else []
         out = Accounting(len(rows))
         if budgets:
             fits, stop = book.admit(user, budgets, named)

@@ -547,7 +547,8 @@ class Session:
         if verdict.internal:  # analysis failed: a limitation or bug of pgwarden, worth a log line
             self.events.append(("analysis.failed", {"error": verdict.internal}))
         elif verdict.error.sqlstate == "53400":
-            self.events.append(("quota.exhausted", {"cap": 0}))
+            tables = list(verdict.audit.tables) if verdict.audit else []
+            self.events.append(("quota.exhausted", {"cap": 0, "rows_seen": 0, "tables": tables}))
 
     def _on_parse(self, data: bytes, pos: int, end: int) -> bool | bytes:
         if self._blocked():
@@ -939,33 +940,43 @@ class Session:
         assert spec is not None
         hidden = spec.hidden if mtype == 68 else 0
         stream = cap.limit >= _UNCAPPED
+        strip = be.strip_columns
+        keys_of = cap.keys
+        run = bytearray()  # this read's rows without their key columns, back to back
+        taken = 0
         n = len(data)
         while n - pos >= 5 and data[pos] == mtype:
             end = pos + 1 + _LEN.unpack_from(data, pos + 1)[0]
             if end > n:
                 break
-            if hidden:
-                row, keys = be.strip_columns(data, pos, end, hidden)
-            else:
-                row, keys = data[pos:end], ()
-            pos = end
             cap.rows += 1
-            if cap.over:
+            if cap.over or cap.rows > cap.limit:
+                pos = end
+                if not cap.over:
+                    cap.over = True
+                    if not cap.truncate:  # none of it will be delivered
+                        cap.held.clear()
+                        keys_of.clear()
+                        cap.held_rows = 0
+                        run = bytearray()
+                        taken = 0
                 continue
-            if cap.rows > cap.limit:
-                cap.over = True
-                if not cap.truncate:
-                    cap.held.clear()
-                    cap.keys.clear()
-                    cap.held_rows = 0
-                continue
-            cap.keys.append(keys)
-            if stream:
-                self._deliver_rows(row, 1)
-                cap.batch += 1
+            if hidden:
+                row, keys = strip(data, pos, end, hidden)
+                run += row
             else:
-                cap.held.append(row)
-                cap.held_rows += 1
+                keys = ()
+                run += memoryview(data)[pos:end]
+            pos = end
+            keys_of.append(keys)
+            taken += 1
+        if taken:
+            if stream:
+                self._deliver_rows(bytes(run), taken)
+                cap.batch += taken
+            else:
+                cap.held.append(bytes(run))
+                cap.held_rows += taken
         return pos
 
     def _records_end(self, cap: _RowCap, mtype: int, msg: bytes, simple: bool) -> bytes:
@@ -982,8 +993,8 @@ class Session:
             cap.rows = 0
             cap.delivered = 0
             cap.over = False
-        extra = held[len(keys) :]  # a CopyDone held behind the rows
-        held = held[: len(keys)]
+        extra = [m for m in held if m[0] == 99]  # a CopyDone held behind the rows
+        held = [m for m in held if m[0] != 99]
         if batch:  # streamed: already delivered, only counted
             self.gate.account(spec, keys, held=False)
             self._charge(cap, batch)
@@ -998,7 +1009,8 @@ class Session:
         if outcome.decoy or outcome.lock:
             self._lock_out(outcome.decoy, outcome.lock)
             return b""
-        sent = self._deliver_accounted(cap, outcome, held, (mtype, msg), (over, seen, earlier))
+        counts = (over, seen, earlier, len(keys))
+        sent = self._deliver_accounted(cap, outcome, held, (mtype, msg), counts)
         if outcome.error is None:
             self._reply_all(extra)
         return sent
@@ -1013,11 +1025,11 @@ class Session:
         outcome: Accounting,
         held: list[bytes | memoryview],
         end: tuple[int, bytes],
-        counts: tuple[bool, int, int],
+        counts: tuple[bool, int, int, int],
     ) -> bytes:
         """Send what the gate let through of a held, accounted result."""
         mtype, msg = end
-        over, seen, earlier = counts
+        over, seen, earlier, held_rows = counts
         if outcome.error is not None:
             self._drop_until_ready = True
             if self._inflight:
@@ -1026,7 +1038,7 @@ class Session:
         delivered = outcome.deliver
         if delivered and not self._drop_until_ready:
             self._stmt_rows += delivered
-            self.to_client.extend(held[:delivered])
+            self.to_client.extend(_first_rows(held, delivered))
         self._charge(cap, delivered)
         if cap.rows:  # the statement goes on (a portal or cursor batch)
             cap.delivered += delivered
@@ -1043,7 +1055,7 @@ class Session:
             )
         if outcome.notice:
             notice = be.error_response("NOTICE", "01000", outcome.notice, notice=True)
-        if delivered < len(held) or over:
+        if delivered < held_rows or over:
             return notice + (_recount(msg, delivered) if mtype == 67 else msg)
         return msg
 
@@ -1413,6 +1425,20 @@ class _RowCap:
 # transaction as an error would (see pipeline.py): a Parse that cannot succeed, of a
 # named statement (a failed Parse of the unnamed one would drop the client's).
 ABORT_PARSE = fe.encode_parse("pgwarden_refusal", "pgwarden refused the statement")
+
+
+def _first_rows(runs: list[bytes | memoryview], count: int) -> list[bytes | memoryview]:
+    """The first `count` messages of `runs` (each a run of whole messages), as slices."""
+    out: list[bytes | memoryview] = []
+    for run in runs:
+        if count <= 0:
+            break
+        pos, n = 0, len(run)
+        while pos < n and count > 0:
+            pos += 1 + _LEN.unpack_from(run, pos + 1)[0]
+            count -= 1
+        out.append(run if pos == n else memoryview(run)[:pos])
+    return out
 
 
 def _delivered_before(error: PgWardenError, earlier: int) -> PgWardenError:

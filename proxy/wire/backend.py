@@ -145,53 +145,53 @@ def decode_row_origins(msg: bytes, pos: int, end: int) -> list[tuple[int, int]]:
 
 
 def strip_hidden_fields(data: bytes, pos: int, end: int, prefix: bytes) -> bytes | None:
-    """The RowDescription at data[pos:end] without its trailing fields named `prefix`...
+    """The RowDescription at data[pos:end] without its leading fields named `prefix`...
 
     None when it has none (the message is forwarded as it is).
     """
     count = _I16.unpack_from(data, pos + 5)[0]
     at = pos + 7
-    cut = -1
-    kept = 0
-    for index in range(count):
+    hidden = 0
+    while hidden < count and data.startswith(prefix, at, end):
         name_end = data.find(b"\0", at, end)
         if name_end < 0 or name_end + 19 > end:
             raise ProtocolViolation("pgwarden: malformed RowDescription from server")
-        hidden = data.startswith(prefix, at, name_end)
-        if hidden and cut < 0:
-            cut, kept = at, index
-        elif not hidden:
-            cut = -1
         at = name_end + 19
-    if cut < 0:
+        hidden += 1
+    if not hidden:
         return None
-    body = _I16.pack(kept) + data[pos + 7 : cut]
+    body = _I16.pack(count - hidden) + data[at:end]
     return b"T" + _I32.pack(len(body) + 4) + body
 
 
 def strip_columns(
     data: bytes, pos: int, end: int, hidden: int
 ) -> tuple[bytes, tuple[str | None, ...]]:
-    """The DataRow at data[pos:end] without its last `hidden` columns, and their text."""
+    """The DataRow at data[pos:end] without its first `hidden` columns, and their text."""
     count = _I16.unpack_from(data, pos + 5)[0]
+    at = pos + 7
+    if hidden == 1 and count >= 1:  # the common case, kept short: one key column
+        length = _I32.unpack_from(data, at)[0]
+        at += 4
+        if length < 0:
+            key: str | None = None
+        else:
+            key = data[at : at + length].decode("utf-8", "replace")
+            at += length
+        if at > end:
+            raise ProtocolViolation("pgwarden: malformed DataRow from server")
+        return b"D" + _I32.pack(end - at + 6) + _I16.pack(count - 1) + data[at:end], (key,)
     if count < hidden:
         raise ProtocolViolation("pgwarden: a result row lacks its record keys")
-    unpack = _I32.unpack_from
-    at = pos + 7
-    for _ in range(count - hidden):
-        length = unpack(data, at)[0]
-        at += 4 + (length if length > 0 else 0)
-    cut = at
     keys: list[str | None] = []
     for _ in range(hidden):
-        length = unpack(data, at)[0]
+        length = _I32.unpack_from(data, at)[0]
         at += 4
         if length < 0:
             keys.append(None)
             continue
         keys.append(data[at : at + length].decode("utf-8", "replace"))
         at += length
-    if at != end:
+    if at > end:
         raise ProtocolViolation("pgwarden: malformed DataRow from server")
-    body = _I16.pack(count - hidden) + data[pos + 7 : cut]
-    return b"D" + _I32.pack(len(body) + 4) + body, tuple(keys)
+    return b"D" + _I32.pack(end - at + 6) + _I16.pack(count - hidden) + data[at:end], tuple(keys)

@@ -166,7 +166,7 @@ def decode_bind_names(msg: bytes) -> tuple[str, str]:
 
 
 def bind_with_text_results(data: bytes, pos: int, end: int, extra: int) -> bytes | None:
-    """The Bind at data[pos:end] asking for `extra` more result columns, in text format.
+    """The Bind at data[pos:end] asking for `extra` more leading result columns, as text.
 
     Only when it lists one format code per result column (two or more); with none
     or one code every column, hidden ones included, gets that format already.
@@ -196,7 +196,7 @@ def bind_with_text_results(data: bytes, pos: int, end: int, extra: int) -> bytes
         return None
     if at + 2 + 2 * results != end:
         raise ProtocolViolation("pgwarden: malformed Bind message")
-    body = data[pos + 5 : at] + _I16.pack(results + extra) + data[at + 2 : end] + b"\0\0" * extra
+    body = data[pos + 5 : at] + _I16.pack(results + extra) + b"\0\0" * extra + data[at + 2 : end]
     return b"B" + _I32.pack(len(body) + 4) + body
 
 
