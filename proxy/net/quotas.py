@@ -32,13 +32,42 @@ from proxy.policy.model import Limits
 from proxy.quota import LedgerUnavailable, Usage, quota_left
 
 
+class LedgerClient:
+    """What QuotaBook and RecordBook share: background tasks and ledger error reporting."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self._loading: set[str] = set()  # users whose ledger read is under way
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.observe: Callable[[str, Mapping[str, Any]], None] | None = None  # metrics
+
+    def _ledger_error(self, **fields: Any) -> None:
+        self.log.error("ledger.error", **fields)
+        if self.observe is not None:
+            self.observe("ledger.error", fields)
+
+    def _spawn_load(self, user: str) -> None:
+        """Read `user` from the ledger in the background, once at a time."""
+        if user in self._loading:
+            return
+        self._loading.add(user)
+        self._keep(asyncio.ensure_future(self._load_user(user)))
+
+    async def _load_user(self, user: str) -> None:
+        raise NotImplementedError
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
 @dataclass
 class _Entry:
     usage: Usage
     read_at: float  # monotonic time of the last ledger read
 
 
-class QuotaBook:
+class QuotaBook(LedgerClient):
     """Usage per user, as this process knows it; writes go to the shared ledger."""
 
     REFRESH_S = 5.0
@@ -47,18 +76,15 @@ class QuotaBook:
     PRUNE_S = 600.0
 
     def __init__(self, ledger: Ledger, log: Any) -> None:
+        super().__init__(log)
         self.ledger = ledger
-        self.log = log
         self._entries: dict[str, _Entry] = {}
-        self._loading: set[str] = set()
         self._unwritten: dict[str, int] = {}  # rows charged here, not yet in the ledger
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
         # A read and a write of the ledger never overlap: a read then sees either all of a
         # batch (written, no longer in _unwritten) or none of it (still in _unwritten).
         self._io = asyncio.Lock()
         self.available = False
-        self.observe: Callable[[str, Mapping[str, Any]], None] | None = None  # metrics
         self.relay: Callable[[str, int], None] | None = None  # to the other workers
 
     async def start(self) -> None:
@@ -169,20 +195,8 @@ class QuotaBook:
             with contextlib.suppress(LedgerUnavailable):
                 await self.ledger.prune()
 
-    def _ledger_error(self, **fields: Any) -> None:
-        self.log.error("ledger.error", **fields)
-        if self.observe is not None:
-            self.observe("ledger.error", fields)
-
-    def _spawn_load(self, user: str) -> None:
-        if user in self._loading:
-            return
-        self._loading.add(user)
-        self._keep(asyncio.ensure_future(self.load(user)))
-
-    def _keep(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _load_user(self, user: str) -> None:
+        await self.load(user)
 
 
 def _unavailable() -> PgWardenError:

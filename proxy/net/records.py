@@ -46,6 +46,7 @@ import orjson
 
 from proxy.enumeration import Alert, AlertRules, Observation, Watcher
 from proxy.net.ledger import RECORDS_KEPT_S, Ledger
+from proxy.net.quotas import LedgerClient
 from proxy.policy.model import Alerts
 from proxy.quota import LedgerUnavailable
 
@@ -82,7 +83,7 @@ def alert_rules(alerts: Alerts) -> AlertRules:
     )
 
 
-class RecordBook:
+class RecordBook(LedgerClient):
     """Records shown per user, locks and alert state, as this process knows them."""
 
     REFRESH_S = 5.0
@@ -94,8 +95,8 @@ class RecordBook:
     PRUNE_S = 600.0
 
     def __init__(self, ledger: Ledger, log: Any, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(log)
         self.ledger = ledger
-        self.log = log
         self.clock = clock  # wall time, epoch seconds (a test injects its own)
         # 10,000 keys an hour is 50 times the default id_run threshold: past it a user has
         # long been alerted, and the bound keeps each statement's watch cheap
@@ -103,13 +104,10 @@ class RecordBook:
         self._seen: dict[str, _Seen] = {}
         self._locks: dict[str, Lock] = {}
         self._lock_read: dict[str, float] = {}  # monotonic time of the last lock read
-        self._loading: set[str] = set()
         self._unwritten: dict[str, dict[int, float]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
         self.on_lock: Callable[[str], None] | None = None  # ends the user's open sessions
-        self.observe: Callable[[str, Mapping[str, Any]], None] | None = None  # metrics
 
     # --- reading ---------------------------------------------------------------------
 
@@ -383,20 +381,8 @@ class RecordBook:
         except LedgerUnavailable as exc:
             self._ledger_error(error=exc.reason, during=during)
 
-    def _ledger_error(self, **fields: Any) -> None:
-        self.log.error("ledger.error", **fields)
-        if self.observe is not None:
-            self.observe("ledger.error", fields)
-
-    def _spawn_load(self, user: str) -> None:
-        if user in self._loading:
-            return
-        self._loading.add(user)
-        self._keep(asyncio.ensure_future(self.load(user, records=True)))
-
-    def _keep(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _load_user(self, user: str) -> None:
+        await self.load(user, records=True)
 
 
 _WINDOWS = (("day", 86400.0), ("7d", 7 * 86400.0), ("30d", 30 * 86400.0))

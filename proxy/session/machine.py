@@ -984,15 +984,8 @@ class Session:
         spec = cap.records
         assert spec is not None
         assert self.gate is not None
-        held, cap.held = cap.held, []
         keys, cap.keys = cap.keys, []
-        cap.held_rows = 0
-        over, batch, seen, earlier = cap.over, cap.batch, cap.rows, cap.delivered
-        cap.batch = 0
-        if (simple or mtype != 115) and not cap.cumulative:  # a statement ended
-            cap.rows = 0
-            cap.delivered = 0
-            cap.over = False
+        held, _, over, batch, seen, earlier = _take_held(cap, mtype, simple)
         extra = [m for m in held if m[0] == 99]  # a CopyDone held behind the rows
         held = [m for m in held if m[0] != 99]
         if batch:  # streamed: already delivered, only counted
@@ -1127,14 +1120,7 @@ class Session:
         """The bytes to send for a statement's (or batch's) last message."""
         if cap.records is not None:
             return self._records_end(cap, mtype, msg, simple)
-        held, cap.held = cap.held, []
-        held_rows, cap.held_rows = cap.held_rows, 0
-        over, batch, seen, earlier = cap.over, cap.batch, cap.rows, cap.delivered
-        cap.batch = 0
-        if (simple or mtype != 115) and not cap.cumulative:  # a statement ended
-            cap.rows = 0
-            cap.delivered = 0
-            cap.over = False
+        held, held_rows, over, batch, seen, earlier = _take_held(cap, mtype, simple)
         if mtype == 69:  # ErrorResponse: nothing of the statement is delivered
             self._charge(cap, batch)
             return msg
@@ -1425,6 +1411,26 @@ class _RowCap:
 # transaction as an error would (see pipeline.py): a Parse that cannot succeed, of a
 # named statement (a failed Parse of the unnamed one would drop the client's).
 ABORT_PARSE = fe.encode_parse("pgwarden_refusal", "pgwarden refused the statement")
+
+
+def _take_held(
+    cap: _RowCap, mtype: int, simple: bool
+) -> tuple[list[bytes | memoryview], int, bool, int, int, int]:
+    """A statement's (or batch's) held rows and counts, the cap reset for what follows.
+
+    (held, held rows, over the cap, rows delivered in this batch, rows the server
+    sent, rows of earlier batches). A portal's or cursor's counts go on across
+    batches; a statement's end starts the next one afresh.
+    """
+    held, cap.held = cap.held, []
+    held_rows, cap.held_rows = cap.held_rows, 0
+    counts = (cap.over, cap.batch, cap.rows, cap.delivered)
+    cap.batch = 0
+    if (simple or mtype != 115) and not cap.cumulative:  # a statement ended
+        cap.rows = 0
+        cap.delivered = 0
+        cap.over = False
+    return held, held_rows, *counts
 
 
 def _first_rows(runs: list[bytes | memoryview], count: int) -> list[bytes | memoryview]:
