@@ -392,16 +392,29 @@ def pgwarden(pg: PgServer, pki: Pki, tmp_path: Path) -> Iterator[Callable[..., P
 @pytest.fixture(scope="module")
 def live_engine(pg: PgServer) -> Engine:
     """The policy engine for TEST_POLICY over the shop schema as the database has it now."""
+    return engine_for(pg.dsn(SVC_USER, SVC_PASSWORD, dbname="shop"), TEST_POLICY)
+
+
+def engine_for(dsn: str, policy_text: str) -> Engine:
+    """The policy engine for `policy_text` over the schema of the database at `dsn`, now."""
 
     async def snapshot() -> Snapshot:
-        conn = await asyncpg.connect(pg.dsn(SVC_USER, SVC_PASSWORD, dbname="shop"))
+        conn = await asyncpg.connect(dsn)
         try:
             return await read_snapshot(conn)
         finally:
             await conn.close()
 
-    policy = parse_policy(TEST_POLICY.encode(), source=Path("policy.yaml"))
+    policy = parse_policy(policy_text.encode(), source=Path("policy.yaml"))
     return Engine(policy, asyncio.run(snapshot()), HASH_KEY.encode())
+
+
+def fresh_database(pg: PgServer, name: str, schema_sql: str) -> str:
+    """A database of a test module's own (dropped first), with the service account; its DSN."""
+    pg.psql(f"DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name};")
+    pg.psql(schema_sql, dbname=name)
+    pg.create_service_account(SVC_USER, SVC_PASSWORD, name)
+    return pg.dsn(SVC_USER, SVC_PASSWORD, dbname=name)
 
 
 @pytest.fixture(scope="session")

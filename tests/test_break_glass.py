@@ -20,13 +20,11 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from conftest import HASH_KEY, SVC_PASSWORD, SVC_USER, Proxy
+from conftest import HASH_KEY, SVC_USER, Proxy, engine_for, fresh_database
 from test_log_events import documented
 
-from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine
 from proxy.errors import PgWardenError
-from proxy.net.catalog import read_snapshot
 from proxy.pgserver import PgServer
 from proxy.policy import PolicyError, parse_policy
 from proxy.policy.model import Limits, policy_changes
@@ -100,23 +98,12 @@ GLASS = (  # the agent's break_glass section, as written in POLICY
 
 @pytest.fixture(scope="module")
 def bg_db(pg: PgServer) -> str:
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}; CREATE DATABASE {DB};")
-    pg.psql(SCHEMA, dbname=DB)
-    pg.create_service_account(SVC_USER, SVC_PASSWORD, DB)
-    return pg.dsn(SVC_USER, SVC_PASSWORD, dbname=DB)
+    return fresh_database(pg, DB, SCHEMA)
 
 
 @pytest.fixture(scope="module")
 def engine(bg_db: str) -> Engine:
-    async def snapshot() -> Snapshot:
-        conn = await asyncpg.connect(bg_db)
-        try:
-            return await read_snapshot(conn)
-        finally:
-            await conn.close()
-
-    policy = parse_policy(POLICY.encode(), source=Path("policy.yaml"))
-    return Engine(policy, asyncio.run(snapshot()), HASH_KEY.encode())
+    return engine_for(bg_db, POLICY)
 
 
 def ids(rows: list[tuple[Any, ...]] | list[asyncpg.Record]) -> list[int]:

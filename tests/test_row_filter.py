@@ -18,11 +18,9 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from conftest import HASH_KEY, PASSWORDS, SVC_PASSWORD, SVC_USER, Proxy
+from conftest import HASH_KEY, PASSWORDS, SVC_USER, Proxy, engine_for, fresh_database
 
-from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine
-from proxy.net.catalog import read_snapshot
 from proxy.pgserver import PgServer
 from proxy.policy import PolicyError, parse_policy
 
@@ -88,23 +86,12 @@ CAROL = [4, 5]
 
 @pytest.fixture(scope="module")
 def rowfilter_db(pg: PgServer) -> str:
-    pg.psql(f"DROP DATABASE IF EXISTS {DB}; CREATE DATABASE {DB};")
-    pg.psql(SCHEMA, dbname=DB)
-    pg.create_service_account(SVC_USER, SVC_PASSWORD, DB)
-    return pg.dsn(SVC_USER, SVC_PASSWORD, dbname=DB)
+    return fresh_database(pg, DB, SCHEMA)
 
 
 @pytest.fixture(scope="module")
 def engine(rowfilter_db: str) -> Engine:
-    async def snapshot() -> Snapshot:
-        conn = await asyncpg.connect(rowfilter_db)
-        try:
-            return await read_snapshot(conn)
-        finally:
-            await conn.close()
-
-    policy = parse_policy(POLICY.encode(), source=Path("policy.yaml"))
-    return Engine(policy, asyncio.run(snapshot()), HASH_KEY.encode())
+    return engine_for(rowfilter_db, POLICY)
 
 
 def run_as(engine: Engine, dsn: str, user: str, sql: str) -> list[tuple[object, ...]]:
