@@ -409,6 +409,13 @@ def engine_for(dsn: str, policy_text: str) -> Engine:
     return Engine(policy, asyncio.run(snapshot()), HASH_KEY.encode())
 
 
+def client_rows(cur: Any) -> list[tuple[Any, ...]]:
+    """A psycopg cursor's rows as a client of pgwarden gets them: no hidden record keys."""
+    names = [c.name for c in cur.description or ()]
+    keep = [i for i, name in enumerate(names) if not name.startswith("__pgw_rk")]
+    return [tuple(row[i] for i in keep) for row in cur.fetchall()]
+
+
 def fresh_database(pg: PgServer, name: str, schema_sql: str) -> str:
     """A database of a test module's own (dropped first), with the service account; its DSN."""
     pg.psql(f"DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name};")

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from conftest import HASH_KEY, PASSWORDS, SVC_USER, Proxy, engine_for, fresh_database
+from conftest import HASH_KEY, PASSWORDS, SVC_USER, Proxy, client_rows, engine_for, fresh_database
 
 from proxy.analysis.engine import Engine
 from proxy.pgserver import PgServer
@@ -100,7 +100,7 @@ def run_as(engine: Engine, dsn: str, user: str, sql: str) -> list[tuple[object, 
     assert verdict.allowed, verdict.message
     assert verdict.sql is not None
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(verdict.sql.encode()).fetchall()
+        return client_rows(conn.execute(verdict.sql.encode()))
 
 
 def ids(rows: list[tuple[object, ...]]) -> list[object]:
@@ -199,7 +199,7 @@ def test_copy_and_cursors_are_filtered(engine: Engine, rowfilter_db: str) -> Non
             text = b"".join(bytes(chunk) for chunk in out).decode()
         assert [line.split("\t")[0] for line in text.splitlines()] == ["4", "5"]
         cur.execute(declared.sql.encode())
-        assert ids(cur.execute(b"FETCH ALL FROM c").fetchall()) == CAROL
+        assert ids(client_rows(cur.execute(b"FETCH ALL FROM c"))) == CAROL
 
 
 def test_the_filter_follows_the_user(engine: Engine) -> None:
