@@ -54,9 +54,11 @@ DEMO_USERS = {
     "bob": ("bob-demo", "analyst"),
     "dora": ("dora-demo", "dba"),
 }
-# The banner's example: customer 1 of the deterministic shop data (proxy/demo_shop.sql).
+# The banner's example: customer 1634 of the deterministic shop data (proxy/demo_shop.sql),
+# whose open ticket TKT-0101808 is assigned to alice (support sees only such customers).
 EXAMPLE_QUERY = (
-    "SELECT id, full_name, email, phone FROM customers WHERE email = 'hiro.nguyen1@example.org';"
+    "SELECT id, full_name, email, phone FROM customers"
+    " WHERE email = 'ines.muller1634@inbox.example';"
 )
 _SHOP_SQL = Path(__file__).with_name("demo_shop.sql")
 
@@ -256,11 +258,12 @@ def _print_banner(pg: PgServer, listen: str, config: Path) -> None:
         lines.append(f"    {psql_command(listen, user)}")
     lines += [
         "",
-        "Try, as alice or carol (support: e-mails and phones masked, streets refused,",
-        f"{_support_limits()}):",
+        "Try, as alice (support: only the customers of her own open tickets; e-mails and",
+        f"phones masked, streets refused, {_support_limits()}):",
         f"  {EXAMPLE_QUERY}",
         "  SELECT full_name, street FROM customers WHERE id = 1;      -- refused: 42501",
         "  SELECT id, email FROM customers;                           -- refused: 54000",
+        "  SET pgwarden.reason = 'CS-0042 fraud call';  -- break-glass: 15 min without the filter",
         "as bob (analyst: classified values hashed), and as dora (dba: unrestricted, logged):",
         "  SELECT id, full_name, email FROM customers ORDER BY id LIMIT 3;",
         "The insider scenario, scripted: pgwarden demo --scenario insider (make demo-insider).",
@@ -311,6 +314,10 @@ class DemoClient:
         """One statement on connection `name` (extended protocol, as most drivers)."""
         return self._run(self._fetch(name, sql, args))
 
+    def execute(self, name: str, sql: str) -> Outcome:
+        """One statement in a simple Query (as psql sends it); no rows come back."""
+        return self._run(self._execute(name, sql))
+
     def query_many(self, jobs: Sequence[tuple[str, str]]) -> list[Outcome]:
         """(connection, sql) pairs, run at the same time; outcomes in order."""
         return self._run(_gather(*(self._fetch(name, sql, ()) for name, sql in jobs)))
@@ -349,6 +356,8 @@ class DemoClient:
                 ssl=False,
                 timeout=30,
                 command_timeout=60,
+                # no statement cache: one prepared before a break-glass window is refused in it
+                statement_cache_size=0,
             )
         except asyncpg.PostgresError as exc:
             return _error(exc)
@@ -360,8 +369,19 @@ class DemoClient:
             records = await self._conns[name].fetch(sql, *args)
         except asyncpg.PostgresError as exc:
             return Outcome(error=_error(exc))
+        except asyncpg.InterfaceError as exc:  # the connection is gone
+            return Outcome(error=SqlError("08003", str(exc), None))
         columns = tuple(records[0].keys()) if records else ()
         return Outcome(columns, tuple(tuple(_text(v) for v in r.values()) for r in records))
+
+    async def _execute(self, name: str, sql: str) -> Outcome:
+        try:
+            await self._conns[name].execute(sql)
+        except asyncpg.PostgresError as exc:
+            return Outcome(error=_error(exc))
+        except asyncpg.InterfaceError as exc:
+            return Outcome(error=SqlError("08003", str(exc), None))
+        return Outcome()
 
     async def _copy(self, name: str, sql: str) -> Outcome:
         chunks: list[bytes] = []
@@ -382,6 +402,8 @@ async def _gather(*work: Coroutine[Any, Any, _T]) -> list[_T]:
 
 
 def _error(exc: asyncpg.PostgresError) -> SqlError:
+    if exc.message is None:  # asyncpg's own: the server ended the session (08003)
+        return SqlError(str(exc.sqlstate), "the server closed the connection", exc.hint)
     return SqlError(str(exc.sqlstate), str(exc.message), exc.hint)
 
 

@@ -4,26 +4,31 @@ Strategy: a support agent (alice, role support in policies/example.yaml) does wh
 the insider did, step by step, against a real stack: the demo state folder's
 PostgreSQL with the shop database (proxy/demo.py `open_state`, reused when
 built) and `pgwarden serve` as a subprocess, so its JSON log can be read back.
-First honest look-ups, then the whole table at once (SELECT *, one big SELECT,
-COPY, packing aggregates, a cursor), then slices under the cap (OFFSET pages,
-parallel connections, keyset pages, smaller and smaller pages) until the
-hourly quota locks her out. After each step the new log events are read, so the
-output pairs what alice received with what pgwarden logged. The steps page
-"until refused" instead of assuming numbers, so the story still holds when the
+First honest work (her own tickets; a caller outside them found after stating a
+reason, break-glass), then the whole table at once (a count, SELECT *, one big
+SELECT, COPY, packing aggregates, a cursor), then slices: OFFSET pages through
+what her row filter leaves her, then the glass broken with a made-up reason and
+pages through the whole table until a page meets a planted customer (a decoy):
+nothing delivered, her session ended, her account locked; the last act's login is
+refused. After each step the new log events are read, so the output pairs what
+alice received with what pgwarden logged. The steps page "until refused" or
+"until the end" instead of assuming numbers, so the story still holds when the
 table or the policy's limits change.
 
 Rules:
 
-* Deterministic: alice's quota is cleared first with the real ops command
-  (`pgwarden quota reset alice`, logged as quota.reset) and the output says so;
-  the data is deterministic (demo_shop.sql), and concurrent statements only run
-  while the quota has room for all of them. Two runs print the same numbers.
+* Deterministic: alice's quotas, records and lock, and her break-glass quota
+  (`alice#break_glass`), are cleared first with the real ops command (`pgwarden
+  quota reset`, logged as quota.reset) and the output says so; the data is
+  deterministic (demo_shop.sql: the callers are read from it, the decoys are
+  fixed ids). Two runs print the same numbers.
 * Beside `make demo`: pgwarden runs with its own config (insider.yaml: a free
   port, no metrics listener) and log (insider.log) in the state folder; a
   PostgreSQL already running for the folder is used and left running.
 * Output is plain text, or the same as one JSON object with --json. It holds
-  what alice typed (the caller's own e-mail and phone among it), what she
-  received (masked) and pgwarden's log events, which never carry a value.
+  what alice typed (the callers' own e-mail and phone among it), what she
+  received (masked) and pgwarden's log events, which never carry a value (but
+  the break-glass reason, logged as typed).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -56,8 +60,10 @@ from proxy.demo import (
 from proxy.errors import ConfigError
 from proxy.pgserver import free_port
 from proxy.policy import Limits, load_policy
+from proxy.policy.model import BREAK_GLASS_BUCKET
 
 INSIDER = "alice"
+GLASS_USER = INSIDER + BREAK_GLASS_BUCKET  # the ledger user of her break-glass quota
 MIN_CUSTOMERS = 1_000  # the pages and parallel readers need that many rows
 MAX_PAGES = 200  # a bound on every "until refused" loop, should pgwarden never refuse
 START_TIMEOUT_S = 60.0
@@ -69,14 +75,25 @@ READY = {"startup", "schema.loaded"}  # pgwarden may listen before its first sch
 TRANSIENT = ("08006", "57P03")
 TRIES, RETRY_S = 5, 1.0
 # Log events shown per step; conn.closed only when pgwarden refused the login.
-WARNINGS = ("limit.exceeded", "quota.exhausted")
-SHOWN_EVENTS = ("statement", *WARNINGS, "conn.refused", "auth.failed")
+WARNINGS = (
+    "limit.exceeded",
+    "quota.exhausted",
+    "records.exhausted",
+    "enumeration.alert",
+    "break_glass.opened",
+    "decoy.touched",
+    "user.locked",
+    "conn.refused",
+)
+SHOWN_EVENTS = ("statement", *WARNINGS, "break_glass.closed", "auth.failed")
 ACTS = {
     "honest": "Act 1: honest support work",
     "bulk": "Act 2: the whole table at once",
-    "slices": "Act 3: slices under the cap",
+    "slices": "Act 3: slices, and the glass broken",
     "lockout": "Act 4: locked out",
 }
+HONEST_REASON = "CS-0042 fraud call"
+INSIDER_REASON = "CS-0042 follow-up"  # the insider reuses a ticket she once had
 
 
 class ScenarioError(RuntimeError):
@@ -111,11 +128,16 @@ class Step:
 
 @dataclass(frozen=True)
 class Caller:
-    """What honest callers tell alice: a ticket number, an e-mail, a phone number."""
+    """What honest callers tell alice: a ticket number, an e-mail, a phone number.
+
+    The ticket and the e-mail's customer are in alice's queue (open tickets assigned
+    to her); the phone's customer is not.
+    """
 
     ticket_no: str
     email: str
     phone: str
+    table_rows: int
 
 
 # --- pgwarden as a subprocess -----------------------------------------------------------
@@ -185,14 +207,15 @@ class Warden:
 
 
 def _counted(event: dict[str, Any]) -> bool:
-    """An event that closes one attempt: a statement, or a login pgwarden refused."""
-    if event["event"] == "statement":
-        return True
-    return event["event"] == "conn.closed" and str(event.get("reason", "")).startswith("pgwarden:")
+    """An event that closes one attempt: a statement, a decoy shown (the session ends
+    without a statement event), or a login pgwarden refused."""
+    return event["event"] in ("statement", "decoy.touched", "conn.refused")
 
 
 def _shown(event: dict[str, Any]) -> bool:
-    return event["event"] in SHOWN_EVENTS or (event["event"] == "conn.closed" and _counted(event))
+    if event["event"] == "conn.closed":  # only when pgwarden ended or refused the session
+        return str(event.get("reason", "")).startswith("pgwarden:")
+    return event["event"] in SHOWN_EVENTS
 
 
 def _ops_command(*args: str) -> str:
@@ -243,6 +266,12 @@ class Run:
             time.sleep(RETRY_S)
         return outcome
 
+    def execute(self, sql: str) -> Outcome:
+        """A statement sent in a simple Query on the main connection (a SET, as psql does)."""
+        outcome = self.client.execute("main", sql)
+        self._record(Attempt("main", sql, (), outcome))
+        return outcome
+
     def copy(self, sql: str) -> Outcome:
         outcome = self.client.copy_out("main", sql)
         self._record(Attempt("main", f"COPY ({sql}) TO STDOUT", (), outcome))
@@ -276,19 +305,21 @@ class Run:
 def _honest(run: Run, caller: Caller) -> None:
     with run.step(
         "honest",
-        f"A customer calls about ticket {caller.ticket_no}; alice opens it",
+        f"A customer calls about ticket {caller.ticket_no}, assigned to alice; she opens it",
         "Names are shown, e-mail and phone masked, the ticket body redacted (NULL).",
     ):
         run.sql(
-            "SELECT t.ticket_no, t.subject, t.status, t.body, c.full_name, c.email, c.phone"
-            " FROM support_tickets t JOIN customers c ON c.id = t.customer_id"
+            "SELECT t.ticket_no, t.subject, t.status, t.body, c.id, c.full_name, c.email,"
+            " c.phone FROM support_tickets t JOIN customers c ON c.id = t.customer_id"
             " WHERE t.ticket_no = $1",
             caller.ticket_no,
         )
     with run.step(
         "honest",
-        "Another caller gives their e-mail address; alice finds the account and its tickets",
-        "lookup: equality finds the customer by the raw address; the answer is masked.",
+        "Another caller of her queue gives their e-mail; alice finds the account, its"
+        " tickets, and asks for the street",
+        "lookup: equality finds the customer by the raw address; the answer is masked."
+        " The street is denied to support, and the session goes on.",
     ):
         found = run.sql(_select(" WHERE email = $1"), caller.email)
         customer_id = int(found.rows[0][0]) if found.rows else 0
@@ -297,18 +328,32 @@ def _honest(run: Run, caller: Caller) -> None:
             " WHERE customer_id = $1 ORDER BY created_at",
             customer_id,
         )
+        run.sql("SELECT street FROM customers WHERE id = $1", customer_id)
     with run.step(
         "honest",
-        "A third caller is found by phone; alice asks for the street to check a delivery",
-        "The phone look-up works; the street is denied to support, and the session goes on.",
+        "A fraud call: the caller's phone number is in none of alice's open tickets",
+        "Her row filter: customers outside her open tickets do not exist for her.",
     ):
-        found = run.sql(_select(" WHERE phone = $1"), caller.phone)
-        customer_id = int(found.rows[0][0]) if found.rows else 0
-        run.sql("SELECT street FROM customers WHERE id = $1", customer_id)
+        run.sql(_select(" WHERE phone = $1"), caller.phone)
+    with run.step(
+        "honest",
+        "She states why she needs more, finds the caller, and closes the window",
+        "Break-glass: for 15 minutes the filter is lifted (the masks are not), every"
+        " statement is logged with the reason, from a small quota of its own.",
+    ):
+        run.execute(f"SET pgwarden.reason = '{HONEST_REASON}'")
+        run.sql(_select(" WHERE phone = $1"), caller.phone)
+        run.execute("RESET pgwarden.reason")
 
 
-def _bulk(run: Run, limits: Limits) -> None:
+def _bulk(run: Run, limits: Limits, table_rows: int) -> None:
     cap = limits.rows_per_query or 0
+    with run.step(
+        "bulk",
+        "How many customers are there?",
+        f"The table holds {table_rows:,}; for alice only the customers of her open tickets exist.",
+    ):
+        run.sql("SELECT count(*) FROM customers")
     with run.step(
         "bulk",
         "Export, first try: everything",
@@ -317,7 +362,7 @@ def _bulk(run: Run, limits: Limits) -> None:
         run.sql("SELECT * FROM customers")
     with run.step(
         "bulk",
-        "Only the columns she may see, the whole table in one statement",
+        "Only the columns she may see, all her customers in one statement",
         f"Over the row cap ({cap} per statement, reject): no row at all is delivered.",
     ):
         run.sql(_select())
@@ -360,67 +405,46 @@ def _page(size: int, offset: int) -> str:
     return _select(f" ORDER BY id LIMIT {size} OFFSET {offset}")
 
 
-def _slices(run: Run, limits: Limits) -> None:
+def _slices(run: Run, limits: Limits, glass: Limits) -> None:
     cap = limits.rows_per_query or 0
     with run.step(
         "slices",
-        f"Pages of {cap} with LIMIT/OFFSET",
-        "Under the cap each page is allowed, and every row counts against her hourly quota.",
+        f"Pages of {cap} with LIMIT/OFFSET, until the end",
+        "Under the cap each page is allowed, but the pages end with her own queue.",
     ):
-        for n in range(3):
-            run.sql(_page(cap, n * cap))
-    _parallel(run, cap, offset=3 * cap)
+        _pages(run, cap)
+    glass_cap = glass.rows_per_query or cap
     with run.step(
         "slices",
-        f"Keyset pages of {cap} (WHERE id > last seen), until refused",
-        "The quota is per user, shared by all her connections: it runs out.",
+        f"She breaks the glass with a made-up reason and pages through the whole table,"
+        f" {glass_cap} at a time",
+        f"The break-glass cap is {glass_cap} rows per statement, its quota"
+        f" {glass.rows_per_hour or 0:,} an hour; and a planted customer (a decoy) waits"
+        " near the start of the table.",
     ):
-        last = 6 * cap
-        for _ in range(MAX_PAGES):
-            page = run.sql(_select(f" WHERE id > $1 ORDER BY id LIMIT {cap}"), last)
-            if page.error is not None or not page.rows:
-                break
-            last = int(page.rows[-1][0])
-    _smaller_pages(run, cap, offset=last)
+        if run.execute(f"SET pgwarden.reason = '{INSIDER_REASON}'").error is None:
+            _pages(run, glass_cap)
 
 
-def _parallel(run: Run, cap: int, offset: int) -> None:
-    names = [f"p{n}" for n in range(1, 5)]
-    with run.step(
-        "slices",
-        "Four more connections at once, one page each",
-        "pgwarden allows 4 connections per user by default (one is open already); the rows"
-        " of all of them count against the same quota.",
-    ):
-        opened = run.connect(*names)
-        run.parallel([(name, _page(cap, offset + n * cap)) for n, name in enumerate(opened)])
-    run.client.disconnect(*opened)
-
-
-def _smaller_pages(run: Run, cap: int, offset: int) -> None:
-    with run.step(
-        "slices",
-        "Smaller and smaller pages, to take what is left",
-        "A page bigger than what is left of the quota is refused whole; at 0 everything is.",
-    ):
-        size = max(1, cap // 2)
-        for _ in range(MAX_PAGES):
-            page = run.sql(_page(size, offset))
-            offset += len(page.rows)
-            if page.error is None and page.rows:
-                continue
-            if page.error is None or size == 1:
-                break  # the end of the table, or not even one row allowed
-            size //= 2
+def _pages(run: Run, size: int) -> None:
+    """OFFSET pages of `size` from the start, until an empty page or a refusal."""
+    offset = 0
+    for _ in range(MAX_PAGES):
+        page = run.sql(_page(size, offset))
+        if page.error is not None or not page.rows:
+            return
+        offset += len(page.rows)
 
 
 def _lockout(run: Run, caller: Caller) -> None:
     with run.step(
         "lockout",
-        "The next honest caller",
-        "Locked out of customer data until the hour frees up; the HINT says when.",
+        "She logs in again, to serve the next honest caller",
+        "Locked: every login is refused, in every pgwarden on the ledger, until security"
+        f" runs `pgwarden quota unlock {INSIDER}`.",
     ):
-        run.sql(_select(" WHERE email = $1"), caller.email)
+        if run.connect("again"):
+            run.sql(_select(" WHERE email = $1"), caller.email, connection="again")
 
 
 # --- the whole scenario --------------------------------------------------------------------
@@ -444,30 +468,32 @@ def main(args: argparse.Namespace, customers: int) -> int:
 
 
 def _run(state: DemoState, *, as_json: bool) -> dict[str, Any]:
-    """Start pgwarden, reset the quota, play the story, stop; the report."""
+    """Start pgwarden, reset alice's quotas and lock, play the story, stop; the report."""
     listen = f"127.0.0.1:{free_port()}"
     config = write_config(state.folder, state.pg, "insider.yaml", listen, None)
     reset = _last_json_line(_ops_command("quota", "reset", INSIDER, "-c", str(config)))
-    limits = _insider_limits()
-    header = _header(state, listen, limits, reset)
+    glass_reset = _last_json_line(_ops_command("quota", "reset", GLASS_USER, "-c", str(config)))
+    limits, glass = _insider_limits()
+    header = _header(state, listen, (limits, glass), (reset, glass_reset))
     if not as_json:
         print(render_header(header), flush=True)
     warden = Warden(config, state.folder / "insider.log")
     try:
         warden.start()
         port = int(listen.rpartition(":")[2])
-        steps = _play(warden, port, limits, _caller(state), as_json=as_json)
+        steps = _play(warden, port, (limits, glass), _caller(state), as_json=as_json)
     finally:
         warden.stop()
     ledger = json.loads(_ops_command("quota", "show", INSIDER, "-c", str(config), "--json"))[0]
-    summary = _summary(steps, limits, header["table_rows"], ledger)
+    glass_ledger = _ops_command("quota", "show", GLASS_USER, "-c", str(config), "--json")
+    summary = _summary(steps, header, ledger, json.loads(glass_ledger)[0])
     if not as_json:
         print(render_summary(summary, state.folder / "pgwarden.yaml"), flush=True)
     return {**header, "steps": [_step_json(s) for s in steps], "summary": summary}
 
 
 def _play(
-    warden: Warden, port: int, limits: Limits, caller: Caller, *, as_json: bool
+    warden: Warden, port: int, limits: tuple[Limits, Limits], caller: Caller, *, as_json: bool
 ) -> list[Step]:
     password = DEMO_USERS[INSIDER][0]
     client = DemoClient("127.0.0.1", port, INSIDER, password)
@@ -476,8 +502,8 @@ def _play(
         if client.connect("main")["main"] is not None:
             raise ScenarioError(f"{INSIDER} could not log in; see {warden.log_path}")
         _honest(run, caller)
-        _bulk(run, limits)
-        _slices(run, limits)
+        _bulk(run, limits[0], caller.table_rows)
+        _slices(run, *limits)
         _lockout(run, caller)
     finally:
         client.close()
@@ -488,37 +514,65 @@ def _print_step(step: Step) -> None:
     print(render_step(step), flush=True)
 
 
-def _insider_limits() -> Limits:
+def _insider_limits() -> tuple[Limits, Limits]:
+    """The role's limits, and its break-glass limits."""
     role = load_policy(demo_policy()).role_of(INSIDER)
     if role is None or role.limits is None or not role.limits.rows_per_query:
         raise ScenarioError(f"policies/example.yaml gives {INSIDER} no role with a row cap")
-    return role.limits
+    if role.break_glass is None:
+        raise ScenarioError(f"policies/example.yaml gives {INSIDER}'s role no break_glass")
+    return role.limits, role.break_glass.limits
+
+
+_CALLERS_SQL = """
+SELECT (SELECT ticket_no FROM support_tickets WHERE :mine AND status = 'open'
+        ORDER BY id LIMIT 1 OFFSET 3),
+       (SELECT c.email FROM customers c
+        WHERE c.id IN (SELECT customer_id FROM support_tickets WHERE :mine)
+        ORDER BY c.id DESC LIMIT 1 OFFSET 7),
+       (SELECT c.phone FROM customers c
+        WHERE c.id NOT IN (SELECT customer_id FROM support_tickets WHERE :mine)
+          AND EXISTS (SELECT FROM support_tickets t WHERE t.customer_id = c.id)
+        ORDER BY c.id LIMIT 1 OFFSET 99),
+       (SELECT count(*) FROM customers)
+"""
 
 
 def _caller(state: DemoState) -> Caller:
-    """Who calls: read directly from PostgreSQL, as the callers know their own data."""
-    out = state.pg.psql(
-        "SELECT (SELECT ticket_no FROM support_tickets ORDER BY id LIMIT 1 OFFSET 41),"
-        " (SELECT email FROM customers ORDER BY id DESC LIMIT 1 OFFSET 17),"
-        " (SELECT phone FROM customers ORDER BY id LIMIT 1 OFFSET 99)",
-        dbname="shop",
-    )
-    ticket_no, email, phone = out.strip().split("|")
-    return Caller(ticket_no, email, phone)
+    """Who calls: read directly from PostgreSQL, as the callers know their own data.
+
+    The ticket is one of alice's open ones, the e-mail a customer of another of her
+    non-closed tickets; the phone a customer of no ticket of hers (nor a decoy: those
+    have no tickets at all).
+    """
+    mine = f"assignee = '{INSIDER}' AND status <> 'closed'"
+    out = state.pg.psql(_CALLERS_SQL.replace(":mine", mine), dbname="shop")
+    ticket_no, email, phone, count = out.strip().split("|")
+    if not (ticket_no and email and phone):
+        raise ScenarioError(f"the shop database has no ticket assigned to {INSIDER}")
+    return Caller(ticket_no, email, phone, int(count))
 
 
-def _header(state: DemoState, listen: str, limits: Limits, reset: dict[str, Any]) -> dict[str, Any]:
+def _header(
+    state: DemoState,
+    listen: str,
+    limits: tuple[Limits, Limits],
+    resets: tuple[dict[str, Any], dict[str, Any]],
+) -> dict[str, Any]:
     count = state.pg.psql("SELECT count(*) FROM customers", dbname="shop").strip()
+    reset, glass_reset = resets
     return {
         "scenario": "insider",
         "user": INSIDER,
         "role": DEMO_USERS[INSIDER][1],
-        "limits": asdict(limits),
+        "limits": asdict(limits[0]),
+        "break_glass_limits": asdict(limits[1]),
         "postgresql": f"{state.pg.host}:{state.pg.port}",
         "pgwarden": listen,
         "log": str(state.folder / "insider.log"),
         "table_rows": int(count),
         "quota_reset": reset,
+        "break_glass_quota_reset": glass_reset,
     }
 
 
@@ -533,26 +587,42 @@ def _last_json_line(text: str) -> dict[str, Any]:
 # --- numbers at the end ---------------------------------------------------------------------
 
 
+def _customers_received(attempts: list[Attempt]) -> int:
+    """Distinct customers alice received: rows of statements that show a customer's name."""
+    ids: set[str] = set()
+    for attempt in attempts:
+        columns = attempt.outcome.columns
+        if "full_name" in columns and "id" in columns:
+            at = columns.index("id")
+            ids.update(row[at] for row in attempt.outcome.rows)
+    return len(ids)
+
+
 def _summary(
-    steps: list[Step], limits: Limits, table_rows: int, ledger: dict[str, Any]
+    steps: list[Step], header: dict[str, Any], ledger: dict[str, Any], glass: dict[str, Any]
 ) -> dict[str, Any]:
     attempts = [a for s in steps for a in s.attempts]
     refused = Counter(a.outcome.error.sqlstate for a in attempts if a.outcome.error is not None)
     warnings = Counter(e["event"] for s in steps for e in s.events if e["event"] in WARNINGS)
-    per_day = limits.rows_per_day
+    limits = header["limits"]
     return {
+        "customers_received": _customers_received(attempts),
         "rows_received": sum(len(a.outcome.rows) for a in attempts),
-        "table_rows": table_rows,
-        "rows_per_query": limits.rows_per_query,
-        "rows_per_hour": limits.rows_per_hour,
-        "rows_per_day": per_day,
+        "table_rows": header["table_rows"],
+        "rows_per_query": limits["rows_per_query"],
+        "rows_per_hour": limits["rows_per_hour"],
+        "rows_per_day": limits["rows_per_day"],
+        "records_per_day": limits["records_per_day"],
         "attempts": len(attempts),
         "refused_total": sum(refused.values()),
         "refused": dict(sorted(refused.items())),
         "log_warnings": dict(sorted(warnings.items())),
         "ledger_rows_last_hour": ledger["rows_last_hour"],
         "ledger_remaining": ledger["remaining"],
-        "days_for_a_full_copy": math.ceil(table_rows / per_day) if per_day else None,
+        "ledger_break_glass_rows_last_hour": glass["rows_last_hour"],
+        "break_glass_rows_per_hour": header["break_glass_limits"]["rows_per_hour"],
+        "ledger_records_day": ledger.get("records", {}).get("day"),
+        "locked": ledger.get("locked"),
     }
 
 
@@ -560,8 +630,9 @@ def _summary(
 
 
 def render_header(header: dict[str, Any]) -> str:
-    limits = header["limits"]
+    limits, glass = header["limits"], header["break_glass_limits"]
     reset = header["quota_reset"]
+    glass_buckets = header["break_glass_quota_reset"].get("buckets", 0)
     return "\n".join(
         [
             "pgwarden demo --scenario insider",
@@ -570,18 +641,27 @@ def render_header(header: dict[str, Any]) -> str:
             "customer records and sold them. Here alice, role support in",
             "policies/example.yaml, does what that employee did, through pgwarden.",
             "",
-            "  her role:  names shown, e-mail and phone masked, street denied, ticket bodies"
-            " redacted;",
+            "  her role:  only the customers of her own open tickets; names shown, e-mail and"
+            " phone",
+            "             masked, street denied, ticket bodies redacted;",
             f"             {limits['rows_per_query']:,} rows per statement,"
             f" {limits['rows_per_hour']:,} per hour, {limits['rows_per_day']:,} per day"
-            f" (on_exceed: {limits['on_exceed']})",
+            f" (on_exceed: {limits['on_exceed']}),",
+            f"             {limits['records_per_day']:,} distinct records a day",
+            f"  break-glass: SET pgwarden.reason lifts the filter for a while;"
+            f" {glass['rows_per_query']:,} rows per statement,",
+            f"             {glass['rows_per_hour']:,} per hour, logged with the reason",
+            "  decoys:    planted customers; whoever is shown one is locked out",
             f"  the stack: PostgreSQL on {header['postgresql']} ({header['table_rows']:,}"
             f" customers), pgwarden on {header['pgwarden']}",
             f"  the log:   {header['log']} (pgwarden's JSON log)",
             f"  quota:     `pgwarden quota reset {header['user']}` cleared"
-            f" {_plural(reset.get('buckets', 0), 'minute bucket')} before the run",
-            f"             (logged as {reset.get('event')} by {reset.get('operator')}),"
-            " so every run tells the same story",
+            f" {_plural(reset.get('buckets', 0), 'minute bucket')},"
+            f" {_plural(reset.get('records', 0), 'record')}"
+            f"{' and a lock' if reset.get('unlocked') else ''} before the run,",
+            f"             and {_plural(glass_buckets, 'bucket')} of {GLASS_USER}"
+            f" (logged as {reset.get('event')} by {reset.get('operator')}),",
+            "             so every run tells the same story",
         ]
     )
 
@@ -622,17 +702,37 @@ def _render_attempt(attempt: Attempt, *, sample: bool) -> list[str]:
     return lines
 
 
+_EVENT_KEYS = (
+    "cap",
+    "rows_seen",
+    "on_exceed",
+    "tables",
+    "table",
+    "kind",
+    "count",
+    "threshold",
+    "window",
+    "budget",
+    "duration_s",
+    "why",
+    "reason",
+    "fingerprint",
+)
+
+
 def _render_event(event: dict[str, Any]) -> str:
     name = event["event"]
     if name == "statement":
         fields = [f"verdict={event.get('verdict')}"]
         fields += [f"{k}={event[k]}" for k in ("sqlstate", "error") if k in event]
         fields.append(f"rows={event.get('rows')}")
-        text = f"statement        {' '.join(fields)}  {event.get('fingerprint', '')}"
+        text = f"{'statement':<18} {' '.join(fields)}  {event.get('fingerprint', '')}"
+        if "break_glass_reason" in event:
+            text += f"\n        break-glass reason: {event['break_glass_reason']}"
         return text + (f"\n        reason: {event['reason']}" if "reason" in event else "")
-    keys = ("cap", "rows_seen", "on_exceed", "tables", "reason")
-    fields = [f"{k}={_flat(event[k])}" for k in keys if k in event]
-    return f"{name:<16} {' '.join(fields)}"
+    fields = [f"{k}={_flat(event[k])}" for k in _EVENT_KEYS if k in event]
+    level = "  (critical)" if event.get("level") == "critical" else ""
+    return f"{name:<18} {' '.join(fields)}{level}"
 
 
 def _flat(value: object) -> str:
@@ -642,30 +742,32 @@ def _flat(value: object) -> str:
 def render_summary(summary: dict[str, Any], demo_config: Path) -> str:
     refused = ", ".join(f"{state} x{n}" for state, n in summary["refused"].items())
     warnings = ", ".join(f"{name} x{n}" for name, n in summary["log_warnings"].items())
-    share = summary["rows_received"] / summary["table_rows"]
+    share = summary["customers_received"] / summary["table_rows"]
     lines = [
         "",
         "== What it added up to ==",
         "",
-        f"  rows alice received: {summary['rows_received']:,} in all (masked), against the"
-        f" {summary['table_rows']:,} customers in the table ({share:.1%})",
-        f"  her quota: {summary['rows_per_hour']:,} rows per hour, {summary['rows_per_day']:,}"
-        f" per day; the ledger holds {summary['ledger_rows_last_hour']:,} for the last hour,"
-        f" {summary['ledger_remaining']} left",
+        f"  customers alice received before she was stopped: {summary['customers_received']:,}"
+        f" (masked), of the {summary['table_rows']:,} in the table ({share:.1%})",
+        f"  rows in all: {summary['rows_received']:,}; the ledger holds"
+        f" {summary['ledger_rows_last_hour']:,} for the last hour"
+        f" (of {summary['rows_per_hour']:,}),"
+        f" {summary['ledger_break_glass_rows_last_hour']:,} on her break-glass quota (of"
+        f" {summary['break_glass_rows_per_hour']:,}), {summary['ledger_records_day']:,} distinct"
+        f" records today (of {summary['records_per_day']:,})",
         f"  attempts: {summary['attempts']}, refused: {summary['refused_total']} ({refused})",
         f"  pgwarden's warnings: {warnings} (each one an alert an on-call engineer can see)",
     ]
-    days = summary["days_for_a_full_copy"]
-    if days is not None:
-        lines.append(
-            f"  a full copy at {summary['rows_per_day']:,} rows a day would take"
-            f" {_plural(days, 'day')}, with refusals and warnings in the log every day"
-        )
-    lines += [
-        f"  {INSIDER} stays locked out until the hour frees up, in `make demo` too; while it"
-        " runs, the ledger:",
-        f"    pgwarden quota show {INSIDER} -c {demo_config}    (quota reset clears it)",
-    ]
+    lock = summary["locked"]
+    if lock is not None:
+        lines += [
+            f"  {INSIDER} is locked since {lock['at']} ({lock['reason']}), in `make demo` too,"
+            " until security lifts it:",
+            f"    pgwarden quota show {INSIDER} -c {demo_config}",
+            f"    pgwarden quota unlock {INSIDER} -c {demo_config}",
+        ]
+    else:
+        lines.append(f"  {INSIDER} is not locked: pgwarden quota show {INSIDER} -c {demo_config}")
     return "\n".join([*lines, ""])
 
 

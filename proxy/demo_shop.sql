@@ -10,8 +10,30 @@
 -- What is sensitive here is what the incident leaked: names, e-mail addresses,
 -- phone numbers, street addresses, support ticket numbers, plus card numbers. Ticket
 -- bodies repeat the caller's name and number, as real free text does.
+--
+-- Tickets carry their assignee, the support agent's pgwarden login, so that the demo
+-- policy can bind each agent to the customers of their own open tickets (row_filter):
+-- the newest 1,000 tickets are the current queue, assigned round-robin by ticket
+-- number over nine slots: alice, carol, five other agents, and two slots unassigned
+-- (NULL); older tickets belong to agents who have left, or to nobody. So alice holds
+-- about 111 of the queue's tickets, about 83 of them not closed, whatever N is.
+--
+-- Decoys: customers 73, 14009, 27941, 41257 and 60331 (those that exist for N) are
+-- planted records, listed under `decoys:` in policies/example.yaml. They look like
+-- every other customer, but have no ticket, no order and no card (their ids are
+-- odd): no honest look-up ever needs one, and anyone paging through the table from
+-- the start meets customer 73 on the first hundred rows. A ticket or an order whose
+-- stride lands on a decoy goes to the customer before it instead.
 
 BEGIN;
+
+SELECT set_config('pgwarden.demo_decoys', '{73,14009,27941,41257,60331}', false);
+
+-- A customer id, or the one before it when it is a decoy (decoys are far apart).
+CREATE FUNCTION pg_temp.not_decoy(id bigint) RETURNS integer LANGUAGE sql STABLE AS $$
+    SELECT (CASE WHEN id = ANY (current_setting('pgwarden.demo_decoys')::bigint[])
+                 THEN id - 1 ELSE id END)::integer
+$$;
 
 DROP TABLE IF EXISTS payment_cards, orders, support_tickets, customers;
 
@@ -30,6 +52,7 @@ CREATE TABLE support_tickets (
     subject     text NOT NULL,
     body        text NOT NULL,
     status      text NOT NULL,
+    assignee    text,
     created_at  timestamptz NOT NULL
 );
 
@@ -75,8 +98,10 @@ FROM (
     FROM generate_series(1, current_setting('pgwarden.demo_customers')::int) AS g
 ) AS n;
 
--- support_tickets: 3 for every 2 customers, spread over customers by a stride.
-INSERT INTO support_tickets (id, customer_id, ticket_no, subject, body, status, created_at)
+-- support_tickets: 3 for every 2 customers, spread over customers by a stride (never
+-- a decoy); the assignee as described at the top.
+INSERT INTO support_tickets
+    (id, customer_id, ticket_no, subject, body, status, assignee, created_at)
 SELECT t.t,
        c.id,
        'TKT-' || lpad(t.t::text, 7, '0'),
@@ -84,10 +109,19 @@ SELECT t.t,
        'Caller ' || c.full_name || ' (' || c.email || ') about: ' || lower(t.subject)
            || '. Call back on ' || c.phone || '.',
        (ARRAY['open', 'pending', 'solved', 'closed'])[1 + t.t % 4],
+       CASE
+           WHEN t.t > t.total - 1000
+               THEN (ARRAY['alice', 'carol', 'grace', 'heidi', 'ivan', 'judy', 'ken',
+                           NULL, NULL])[1 + t.t % 9]
+           ELSE (ARRAY['olaf', 'petra', 'rui', NULL, NULL])[1 + t.t % 5]
+       END,
        timestamptz '2024-01-01 00:00:00+00' + t.t * interval '47 minutes'
 FROM (
     SELECT t,
-           1 + ((t - 1)::bigint * 7919) % current_setting('pgwarden.demo_customers')::int AS cid,
+           current_setting('pgwarden.demo_customers')::int * 3 / 2 AS total,
+           pg_temp.not_decoy(
+               1 + ((t - 1)::bigint * 7919) % current_setting('pgwarden.demo_customers')::int
+           ) AS cid,
            (ARRAY['Cannot log in', 'Refund request', 'Change of address', 'Invoice missing',
                   'Card declined', 'Delivery late', 'Cancel subscription', 'Upgrade plan',
                   'Password reset', 'Duplicate charge'])[1 + t % 10] AS subject
@@ -98,7 +132,9 @@ JOIN customers AS c ON c.id = t.cid;
 -- orders: 2 per customer on average.
 INSERT INTO orders (id, customer_id, total, created_at)
 SELECT o,
-       1 + ((o - 1)::bigint * 104729) % current_setting('pgwarden.demo_customers')::int,
+       pg_temp.not_decoy(
+           1 + ((o - 1)::bigint * 104729) % current_setting('pgwarden.demo_customers')::int
+       ),
        5 + ((o::bigint * 7907) % 50000) / 100.0,
        timestamptz '2024-01-01 00:00:00+00' + o * interval '31 minutes'
 FROM generate_series(1, current_setting('pgwarden.demo_customers')::int * 2) AS o;
@@ -118,6 +154,7 @@ SELECT setval(pg_get_serial_sequence('payment_cards', 'id'), (SELECT max(id) FRO
 
 CREATE INDEX customers_phone_idx ON customers (phone);
 CREATE INDEX support_tickets_customer_idx ON support_tickets (customer_id);
+CREATE INDEX support_tickets_assignee_idx ON support_tickets (assignee, status);
 CREATE INDEX orders_customer_idx ON orders (customer_id);
 CREATE INDEX payment_cards_customer_idx ON payment_cards (customer_id);
 

@@ -456,7 +456,8 @@ def test_asyncpg_and_the_session_end(bg_proxy: Proxy) -> None:
         conn = await asyncpg.connect(bg_proxy.dsn("carol", USERS["carol"], dbname=DB))
         try:
             before = await conn.fetch("SELECT id FROM customers")
-            await conn.execute("SET pgwarden.reason = 'CS-0077 chargeback'")
+            await conn.execute("SET pgwarden.reason = 'CS-0077 chargeback'")  # simple Query
+            await conn.fetch("SET pgwarden.reason = 'CS-0077 chargeback'")  # Parse, Bind
             during = await conn.fetch("SELECT id, email FROM customers WHERE id > $1", 0)
             tickets = await conn.fetch("SELECT id FROM support_tickets")
             no_raw_values(during)
@@ -465,8 +466,11 @@ def test_asyncpg_and_the_session_end(bg_proxy: Proxy) -> None:
             await conn.close()
 
     assert asyncio.run(go()) == ([4, 5], ALL, [1, 2, 3, 4, 5])
-    [closed] = wait_for(bg_proxy, "carol", "break_glass.closed")
-    assert (closed["why"], closed["reason"]) == ("session_end", "CS-0077 chargeback")
+    closed = wait_for(bg_proxy, "carol", "break_glass.closed", 2)  # the second SET reopened it
+    assert [(e["why"], e["reason"]) for e in closed] == [
+        ("reopened", "CS-0077 chargeback"),
+        ("session_end", "CS-0077 chargeback"),
+    ]
     # a new connection starts without break-glass
     with connect(bg_proxy, "carol") as conn:
         assert ids(conn.execute("SELECT id FROM customers").fetchall()) == [4, 5]

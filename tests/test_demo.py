@@ -89,7 +89,9 @@ def _check_the_banner_users(text: str, alice: str) -> None:
     assert "refused until" not in text  # the banner no longer predates the policy engine
     masked = _run_banner_command(alice, EXAMPLE_QUERY)
     assert masked.returncode == 0, masked.stderr
-    assert masked.stdout.strip() == "1|Hiro Nguyen|h***@example.org|***0003"
+    assert masked.stdout.strip() == "1634|Ines Muller|i***@inbox.example|***4902"  # her ticket's
+    outside = _run_banner_command(alice, "SELECT count(*) FROM customers WHERE id = 1")
+    assert outside.stdout.strip() == "0", outside.stderr  # not a customer of her open tickets
     street = _run_banner_command(alice, "SELECT street FROM customers WHERE id = 1")
     assert "42501" in street.stderr or "may not see" in street.stderr
     dora = _banner_command(text, "dora")

@@ -152,13 +152,18 @@ def same_up_to_literals(templated: Evaluation, alone: Evaluation) -> bool:
     )
 
 
+def who(role: str) -> str:
+    """A member of `role`: its row filters name the user (example.yaml's support role)."""
+    return sorted(POLICY.roles[role].members)[0]
+
+
 def test_templates_never_change_a_verdict() -> None:
     templated = Engine(POLICY, SNAPSHOT, KEY)
     used = 0
     for role, sql in statements():
-        alone = Engine(POLICY, SNAPSHOT, KEY)._evaluate(role, sql, extended=False)
+        alone = Engine(POLICY, SNAPSHOT, KEY)._evaluate(role, sql, extended=False, user=who(role))
         for _ in range(2):  # the first builds the template, the second reuses it
-            verdict = templated.evaluate(role, sql)
+            verdict = templated.evaluate(role, sql, user=who(role))
             templated._cache.clear()  # every text goes through the template path again
             assert same_up_to_literals(verdict, alone), (role, sql, verdict, alone)
         used += shape_of(sql) is not None
@@ -168,9 +173,13 @@ def test_templates_never_change_a_verdict() -> None:
 
 def test_a_template_is_reused_for_new_literals() -> None:
     engine = Engine(POLICY, SNAPSHOT, KEY)
-    first = engine.evaluate("support", "SELECT id, email FROM customers WHERE email = 'a@x.org'")
+    first = engine.evaluate(
+        "support", "SELECT id, email FROM customers WHERE email = 'a@x.org'", user="alice"
+    )
     misses = engine.misses
-    second = engine.evaluate("support", "SELECT id, email FROM customers WHERE email = 'b@y.org'")
+    second = engine.evaluate(
+        "support", "SELECT id, email FROM customers WHERE email = 'b@y.org'", user="alice"
+    )
     assert engine.misses == misses  # no new analysis
     assert first.sql is not None
     assert second.sql == first.sql.replace("'a@x.org'", "'b@y.org'")

@@ -151,7 +151,9 @@ def test_explain_a_refused_statement() -> None:
     done = explain("--role", "support", STREET)
     assert done.returncode == 1, done.stderr
     out = done.stdout
-    assert out.startswith("verdict: refuse (role support)\nsqlstate: 42501\nmessage: pgwarden: ")
+    # support's row filter names the user (the role's first member), explain says whom
+    head = "verdict: refuse (role support)\nuser: alice\nsqlstate: 42501\nmessage: pgwarden: "
+    assert out.startswith(head)
     assert "hint: Columns of public.customers your role may use: " in out
     assert "street" in out.split("reasons:", 1)[1]
     assert "\nsql:" not in out

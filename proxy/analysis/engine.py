@@ -451,7 +451,8 @@ class Engine:
         )
         if spec is None:
             return root
-        blind = sorted(spec.blind & set(self.policy.decoys))
+        checked = rewriter.role.role.decoys
+        blind = sorted(spec.blind & set(self.policy.decoys)) if checked else []
         if blind:
             raise Refusal(
                 f"pgwarden: rows of {', '.join(blind)} cannot be accounted record by record "

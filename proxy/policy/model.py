@@ -152,6 +152,7 @@ class Role:
 
     alerts: Alerts | None = DEFAULT_ALERTS  # None: `alerts: off`
     break_glass: BreakGlass | None = None  # None: a stated reason widens nothing
+    decoys: bool = True  # the policy's decoys are checked in this role's results
 
     def under_break_glass(self) -> Role:
         """The role as it applies during break-glass: its filters and limits replaced."""
@@ -190,7 +191,7 @@ class Policy:
         if role.unrestricted:
             return False
         budgets = role.limits is not None and bool(role.limits.record_budgets())
-        return budgets or role.alerts is not None or bool(self.decoys)
+        return budgets or role.alerts is not None or (bool(self.decoys) and role.decoys)
 
     def uses_hash(self) -> bool:
         """True when some role hashes a column (the hash key is then required)."""

@@ -65,6 +65,7 @@ ROLE_KEYS = (
     "unrestricted",
     "mode",
     "break_glass",
+    "decoys",
 )
 BREAK_GLASS_KEYS = ("duration_s", "row_filter", "limits")
 _BREAK_GLASS_LIMIT_KEYS = ("rows_per_query", "rows_per_hour", "rows_per_day", "on_exceed")
@@ -89,6 +90,7 @@ RESTRICTED_ONLY = (
     "alerts",
     "mode",
     "break_glass",
+    "decoys",
 )
 
 _IDENT = re.compile(r"[^\W\d][\w$]*")
@@ -198,7 +200,7 @@ class Checker:
 
     def decoys_need_caps(self, roles: dict[str, Role]) -> None:
         for name, role in roles.items():
-            if role.unrestricted or (role.limits and role.limits.rows_per_query):
+            if role.unrestricted or not role.decoys or (role.limits and role.limits.rows_per_query):
                 continue
             self.error(
                 ("roles", name),
@@ -309,6 +311,7 @@ class Checker:
             if "alerts" in body
             else DEFAULT_ALERTS,
             mode=self.mode(path, body),
+            decoys=self.decoy_switch(path, body),
             break_glass=self.break_glass((*path, "break_glass"), body["break_glass"], tables)
             if "break_glass" in body
             else None,
@@ -385,6 +388,14 @@ class Checker:
                 continue
             out[table] = cast(str, text)
         return out
+
+    def decoy_switch(self, path: YamlPath, body: dict[str, Any]) -> bool:
+        """`decoys: false` exempts a role from the decoy check (default: checked)."""
+        value = body.get("decoys", True)
+        if not isinstance(value, bool):
+            self.error((*path, "decoys"), "must be true or false")
+            return True
+        return value
 
     def mode(self, path: YamlPath, body: dict[str, Any]) -> Mode:
         """enforce (the default), or shadow: nothing enforced, would-be verdicts logged."""

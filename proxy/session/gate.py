@@ -329,10 +329,13 @@ class PolicyGate:
         if result.allowed:
             verdict = self._allow(result, role, window)
             if isinstance(verdict, Allow):
+                # the SET that opens or closes a window is bound in the state it made
+                # (asyncpg prepares every statement: its own Bind must not be refused)
+                state = self.window if result.reason is not None else window
                 return replace(
                     verdict,
                     audit=audit,
-                    policy_version=engine.policy.version_hash + _tag(window),
+                    policy_version=engine.policy.version_hash + _tag(state),
                     records=result.records,
                 )
             return replace(verdict, audit=audit)
@@ -469,7 +472,7 @@ class PolicyGate:
         if engine is None or role is None:  # the policy changed under the statement
             return Accounting(0, error=self._not_a_member()) if held else Accounting(len(rows))
         user, book = self.principal.user, self._source.records
-        decoys = engine.policy.decoys
+        decoys = engine.policy.decoys if role.decoys else {}
         if decoys and held:
             for row in rows:
                 for table, key in zip(spec.tables, row, strict=True):

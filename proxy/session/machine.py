@@ -1065,6 +1065,10 @@ class Session:
             reason = "enumeration"
             details = {"kind": alert, "fingerprint": fingerprint}
         self.events.append(("user.locked", {"reason": reason, **details}))
+        if self._inflight:  # the statement's own event: failed, nothing delivered
+            failed = self._inflight.popleft()
+            failed.error = "42501"
+            self._statement_event(failed)
         self._fatal(locked_error(self.gate.principal.user))
         self.gate.lock(reason, details)
 
