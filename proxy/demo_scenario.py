@@ -207,9 +207,9 @@ class Warden:
 
 
 def _counted(event: dict[str, Any]) -> bool:
-    """An event that closes one attempt: a statement, a decoy shown (the session ends
-    without a statement event), or a login pgwarden refused."""
-    return event["event"] in ("statement", "decoy.touched", "conn.refused")
+    """An event that closes one attempt: a statement (the one that showed a decoy
+    included, logged with error 42501), or a login pgwarden refused."""
+    return event["event"] in ("statement", "conn.refused")
 
 
 def _shown(event: dict[str, Any]) -> bool:

@@ -77,7 +77,9 @@ def db(pg: PgServer) -> Iterator[Fetch]:
     conn = loop.run_until_complete(asyncpg.connect(pg.dsn(SVC_USER, SVC_PASSWORD, dbname="shop")))
 
     def fetch(sql: str) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in loop.run_until_complete(conn.fetch(sql))]
+        """The rows as a client of pgwarden gets them: without the hidden record keys."""
+        rows = loop.run_until_complete(conn.fetch(sql))
+        return [tuple(v for k, v in r.items() if not k.startswith("__pgw_rk")) for r in rows]
 
     try:
         yield fetch
