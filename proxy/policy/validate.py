@@ -389,21 +389,31 @@ class Checker:
             out[table] = cast(str, text)
         return out
 
+    def choice(
+        self, path: YamlPath, body: dict[str, Any], key: str, choices: tuple[str, ...]
+    ) -> str:
+        """`body[key]`, one of `choices` (the first is the default and the fallback)."""
+        value = body.get(key, choices[0])
+        if value not in choices:
+            self.error((*path, key), f"must be {' or '.join(choices)}")
+            return choices[0]
+        return cast(str, value)
+
+    def flag(self, path: YamlPath, body: dict[str, Any], key: str, *, default: bool) -> bool:
+        """`body[key]`, true or false."""
+        value = body.get(key, default)
+        if not isinstance(value, bool):
+            self.error((*path, key), "must be true or false")
+            return default
+        return value
+
     def decoy_switch(self, path: YamlPath, body: dict[str, Any]) -> bool:
         """`decoys: false` exempts a role from the decoy check (default: checked)."""
-        value = body.get("decoys", True)
-        if not isinstance(value, bool):
-            self.error((*path, "decoys"), "must be true or false")
-            return True
-        return value
+        return self.flag(path, body, "decoys", default=True)
 
     def mode(self, path: YamlPath, body: dict[str, Any]) -> Mode:
         """enforce (the default), or shadow: nothing enforced, would-be verdicts logged."""
-        value = body.get("mode", "enforce")
-        if value not in MODES:
-            self.error((*path, "mode"), "must be enforce or shadow")
-            return "enforce"
-        return cast(Mode, value)
+        return cast(Mode, self.choice(path, body, "mode", MODES))
 
     # --- alerts -----------------------------------------------------------------
 
@@ -430,11 +440,7 @@ class Checker:
                 self.error((*path, name), "must be a positive integer, or off")
             else:
                 values[name] = value
-        action = section.get("action", "alert")
-        if action not in ALERT_ACTIONS:
-            self.error((*path, "action"), "must be alert or lock")
-        else:
-            values["action"] = cast(AlertAction, action)
+        values["action"] = cast(AlertAction, self.choice(path, section, "action", ALERT_ACTIONS))
         return Alerts(**values)
 
     def members(self, path: YamlPath, body: dict[str, Any]) -> frozenset[str]:
@@ -583,21 +589,13 @@ class Checker:
     def per_user(self, path: YamlPath, body: dict[str, Any], mask: Mask) -> bool:
         if "per_user" not in body:
             return False
-        value = body["per_user"]
         if mask != "hash":
             self.error((*path, "per_user"), f"applies to mask hash only, not {mask}", key=True)
             return False
-        if not isinstance(value, bool):
-            self.error((*path, "per_user"), "must be true or false")
-            return False
-        return value
+        return self.flag(path, body, "per_user", default=False)
 
     def lookup(self, path: YamlPath, body: dict[str, Any]) -> Lookup:
-        value = body.get("lookup", "none")
-        if value not in LOOKUPS:
-            self.error((*path, "lookup"), "must be none or equality")
-            return "none"
-        return cast(Lookup, value)
+        return cast(Lookup, self.choice(path, body, "lookup", LOOKUPS))
 
     def no_lookup(self, path: YamlPath, body: dict[str, Any]) -> None:
         if "lookup" in body:
@@ -639,11 +637,7 @@ class Checker:
         return Limits(**caps, on_exceed=self.on_exceed(path, section))
 
     def on_exceed(self, path: YamlPath, section: dict[str, Any]) -> OnExceed:
-        value = section.get("on_exceed", "reject")
-        if value not in ON_EXCEED:
-            self.error((*path, "on_exceed"), "must be reject or truncate")
-            return "reject"
-        return cast(OnExceed, value)
+        return cast(OnExceed, self.choice(path, section, "on_exceed", ON_EXCEED))
 
 
 _MASKS = (*MASKS, "redact")
