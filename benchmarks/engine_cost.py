@@ -89,6 +89,14 @@ class Query:
     sql: str
     extended: bool = False  # a Parse (extended protocol) rather than a simple Query
 
+    @property
+    def user(self) -> str:
+        """Who runs it: the support role's row filter names the user (example.yaml)."""
+        return USERS.get(self.role, "")
+
+
+USERS = {"support": "alice", "analyst": "bob"}
+
 
 # psql 18's first catalog query for `\d customers`, byte for byte (psql -E).
 PSQL_DESCRIBE = """\
@@ -264,7 +272,7 @@ def check_verdicts(policy: Policy, snapshot: Snapshot, measured: list[Measured])
     engine = Engine(policy, snapshot, HASH_KEY)
     for m in measured:
         q = m.query
-        verdict = engine.evaluate(q.role, q.sql, extended=q.extended)
+        verdict = engine.evaluate(q.role, q.sql, extended=q.extended, user=q.user)
         if not verdict.allowed:
             m.allowed, m.message = False, verdict.message
             progress(f"{q.name}: REFUSED by the engine: {verdict.message}")
@@ -274,7 +282,7 @@ def time_miss(engine: Engine, q: Query) -> int:
     """One evaluation that misses the verdict cache, in ns."""
     misses = engine.misses
     t0 = time.perf_counter_ns()
-    engine.evaluate(q.role, q.sql, extended=q.extended)
+    engine.evaluate(q.role, q.sql, extended=q.extended, user=q.user)
     elapsed = time.perf_counter_ns() - t0
     assert engine.misses == misses + 1, "the verdict cache answered a cold measurement"
     return elapsed
@@ -306,19 +314,19 @@ def measure_hits(policy: Policy, snapshot: Snapshot, measured: list[Measured], c
         q = m.query
         engine = Engine(policy, snapshot, HASH_KEY)
         evaluate = engine.evaluate
-        evaluate(q.role, q.sql, extended=q.extended)  # the one miss
+        evaluate(q.role, q.sql, extended=q.extended, user=q.user)  # the one miss
         for _ in range(batches):
             # New str objects with the same text, made outside the clock: a text decoded
             # from the wire has no cached hash, so the cache key is hashed on every call.
             texts = [q.sql.encode().decode() for _ in range(BATCH)]
             t0 = time.perf_counter_ns()
             for text in texts:
-                evaluate(q.role, text, extended=q.extended)
+                evaluate(q.role, text, extended=q.extended, user=q.user)
             m.hit_ns.append((time.perf_counter_ns() - t0) / BATCH)
             same = q.sql
             t0 = time.perf_counter_ns()
             for _ in range(BATCH):
-                evaluate(q.role, same, extended=q.extended)
+                evaluate(q.role, same, extended=q.extended, user=q.user)
             m.hit_same_ns.append((time.perf_counter_ns() - t0) / BATCH)
         assert engine.misses == 1, "a cache-hit measurement missed the cache"
         assert engine.hits == 2 * batches * BATCH

@@ -44,8 +44,9 @@ import os
 import socket
 import sys
 import tempfile
+import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,13 @@ from scramp import ScramClient
 
 from proxy.analysis.engine import Engine
 from proxy.auth import parse_secret
+from proxy.enumeration import Alert, Observation, Watcher
 from proxy.errors import PgWardenError
 from proxy.net.catalog import fetch_snapshot
+from proxy.net.records import alert_rules
 from proxy.pgserver import PgServer
 from proxy.policy import parse_policy
-from proxy.policy.model import Limits
+from proxy.policy.model import Alerts, Limits
 from proxy.session.gate import Gate, Principal, gate_for
 from proxy.session.machine import Phase, Session, SessionConfig
 from proxy.wire import frontend as fe
@@ -100,6 +103,7 @@ class EngineHolder:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._records = NoLedger()
 
     @property
     def engine(self) -> Engine | None:
@@ -111,7 +115,51 @@ class EngineHolder:
     def quota_left(self, user: str, limits: Limits) -> int | PgWardenError:
         return 1 << 62
 
-    def charge(self, user: str, rows: int) -> None:
+    def charge(self, user: str, rows: int, bucket: str = "") -> None:
+        return None
+
+    @property
+    def records(self) -> NoLedger:
+        return self._records
+
+
+class NoLedger:
+    """The record book without a ledger: no budgets, no locks, the real alert watcher."""
+
+    def __init__(self) -> None:
+        self.watcher = Watcher()
+
+    def ready(self, user: str) -> bool:
+        return True
+
+    def locked(self, user: str) -> object | None:
+        return None
+
+    def admit(
+        self, user: str, budgets: Iterable[tuple[str, float, int]], rows: list[tuple[int, ...]]
+    ) -> tuple[int, tuple[str, float, int] | None]:
+        return len(rows), None
+
+    def shown(self, user: str, rows: list[tuple[int, ...]], *, budgets: bool) -> None:
+        return None
+
+    def watch(
+        self,
+        user: str,
+        role: str,
+        alerts: Alerts | None,
+        observed: list[tuple[str, tuple[str, ...], bool, bool]],
+    ) -> list[Alert]:
+        if alerts is None:
+            return []
+        now = time.monotonic()
+        raised: list[Alert] = []
+        for table, keys, lookup, paging in observed:
+            obs = Observation(user, role, table, keys, lookup, paging, now)
+            raised += self.watcher.observe(obs, alert_rules(alerts))
+        return raised
+
+    def lock(self, user: str, reason: str, details: Mapping[str, Any]) -> None:
         return None
 
 

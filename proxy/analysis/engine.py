@@ -162,6 +162,8 @@ class Engine:
         self._roles: dict[tuple[str, str, bool], RoleView] = {}
         self._forbidden: dict[str, frozenset[tuple[int, int]]] = {}
         # (role, user or "" for a role that does not depend on it, text, extended, break-glass)
+        self._variants: dict[str, Role] = {}  # role -> its break-glass variant
+        self._per_user: dict[tuple[str, bool], bool] = {}
         self._cache: OrderedDict[tuple[str, str, str, bool, bool], Evaluation] = OrderedDict()
         self._cache_size = cache_size
         # (role, user or "", template text, break-glass) -> the template's verdict and its
@@ -172,12 +174,21 @@ class Engine:
 
     def role(self, role: str, *, break_glass: bool = False) -> Role:
         """The policy's role, or its break-glass variant (KeyError, ValueError if none)."""
-        found = self.policy.roles[role]
-        return found.under_break_glass() if break_glass else found
+        if not break_glass:
+            return self.policy.roles[role]
+        found = self._variants.get(role)
+        if found is None:
+            found = self._variants[role] = self.policy.roles[role].under_break_glass()
+        return found
 
     def user_key(self, role: str, user: str, *, break_glass: bool = False) -> str:
         """The user as far as `role`'s rewrites depend on it: `user`, or "" (one for all)."""
-        return user if self.role(role, break_glass=break_glass).per_user else ""
+        per_user = self._per_user.get((role, break_glass))
+        if per_user is None:  # worked out once per role: the policy is frozen
+            per_user = self._per_user[role, break_glass] = self.role(
+                role, break_glass=break_glass
+            ).per_user
+        return user if per_user else ""
 
     def role_view(self, role: str, user: str = "", *, break_glass: bool = False) -> RoleView:
         key = (role, self.user_key(role, user, break_glass=break_glass), break_glass)
