@@ -49,6 +49,10 @@ def _statements(proxy: Proxy, user: str) -> list[dict[str, Any]]:
     return [e for e in proxy.events() if e.get("event") == "statement" and e.get("user") == user]
 
 
+def _events(proxy: Proxy, event: str) -> list[dict[str, Any]]:
+    return [e for e in proxy.events() if e.get("event") == event]
+
+
 def _wait_for(proxy: Proxy, event: str, count: int = 1) -> None:
     deadline = time.monotonic() + 15
     while len([e for e in proxy.events() if e.get("event") == event]) < count:
@@ -131,7 +135,12 @@ def test_a_shadow_session_charges_no_quota_and_is_not_cut_by_the_backstop(
             assert len(conn.execute("SELECT id, email FROM customers LIMIT 40").fetchall()) == 40
         # a whole-row read of a table with a denied column: raw for shadow mode
         assert conn.execute("SELECT c.* FROM customers c WHERE id = 1").fetchall()
-    _wait_for(proxy, "conn.closed")  # every line of the session is written by then
+    # every line of the session is written once its own conn.closed is (the launcher's
+    # port probe logs a conn.closed of its own, without a user)
+    deadline = time.monotonic() + 15
+    while not [e for e in _events(proxy, "conn.closed") if e.get("user") == "shadow_quota_user"]:
+        assert time.monotonic() < deadline, proxy.log_tail()
+        time.sleep(0.05)
     events = [
         e for e in proxy.events() if e.get("event") in ("quota.exhausted", "backstop.tripped")
     ]
