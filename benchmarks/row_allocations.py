@@ -57,10 +57,10 @@ from scramp import ScramClient
 
 from proxy.analysis.engine import Engine
 from proxy.auth import parse_secret
-from proxy.enumeration import Alert, Observation, Watcher
+from proxy.enumeration import Alert, Watcher
 from proxy.errors import PgWardenError
 from proxy.net.catalog import fetch_snapshot
-from proxy.net.records import alert_rules
+from proxy.net.records import watch_all
 from proxy.pgserver import PgServer
 from proxy.policy import parse_policy
 from proxy.policy.model import Alerts, Limits
@@ -150,14 +150,7 @@ class NoLedger:
         alerts: Alerts | None,
         observed: list[tuple[str, tuple[str, ...], bool, bool]],
     ) -> list[Alert]:
-        if alerts is None:
-            return []
-        now = time.monotonic()
-        raised: list[Alert] = []
-        for table, keys, lookup, paging in observed:
-            obs = Observation(user, role, table, keys, lookup, paging, now)
-            raised += self.watcher.observe(obs, alert_rules(alerts))
-        return raised
+        return watch_all(self.watcher, (user, role, time.monotonic()), alerts, observed)
 
     def lock(self, user: str, reason: str, details: Mapping[str, Any]) -> None:
         return None

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from conftest import HASH_KEY, SVC_USER, Proxy, engine_for, fresh_database
 from test_log_events import documented
+from test_row_filter import SCHEMA
 
 from proxy.analysis.engine import Engine
 from proxy.errors import PgWardenError
@@ -31,28 +32,7 @@ from proxy.policy.model import Limits, policy_changes
 from proxy.session.gate import Allow, PolicyGate, Prepared, Principal, Refuse
 
 DB = "breakglass"
-SCHEMA = """
-CREATE TABLE customers (
-    id integer PRIMARY KEY, full_name text NOT NULL, email text NOT NULL, phone text NOT NULL
-);
-CREATE TABLE support_tickets (
-    id integer PRIMARY KEY, customer_id integer NOT NULL REFERENCES customers,
-    ticket_no text NOT NULL, body text, status text NOT NULL, assignee text NOT NULL
-);
-INSERT INTO customers VALUES
-  (1, 'Ann One', 'ann@example.com', '+1 555 000 0001'),
-  (2, 'Ben Two', 'ben@example.com', '+1 555 000 0002'),
-  (3, 'Cid Three', 'cid@example.com', '+1 555 000 0003'),
-  (4, 'Dee Four', 'dee@example.com', '+1 555 000 0004'),
-  (5, 'Eli Five', 'eli@example.com', '+1 555 000 0005'),
-  (6, 'Fay Six', 'fay@example.com', '+1 555 000 0006');
-INSERT INTO support_tickets VALUES
-  (1, 1, 'T-1', 'call Ann', 'open', 'alice'),
-  (2, 2, 'T-2', 'call Ben', 'pending', 'alice'),
-  (3, 3, 'T-3', 'call Cid', 'closed', 'alice'),
-  (4, 4, 'T-4', 'call Dee', 'open', 'carol'),
-  (5, 5, 'T-5', 'call Eli', 'open', 'carol');
-"""
+# SCHEMA: the row-filter tests' database (six customers, tickets of alice and carol)
 RAW = [
     *(f"{n}@example.com" for n in ("ann", "ben", "cid", "dee", "eli", "fay")),
     *(f"+1 555 000 000{i}" for i in range(1, 7)),

@@ -83,6 +83,26 @@ def alert_rules(alerts: Alerts) -> AlertRules:
     )
 
 
+def watch_all(
+    watcher: Watcher,
+    who: tuple[str, str, float],
+    alerts: Alerts | None,
+    observed: list[tuple[str, tuple[str, ...], bool, bool]],
+) -> list[Alert]:
+    """One statement's (table, keys, lookup, paging) per table into `watcher`: the alerts.
+
+    `who` is (user, role, now); no alerts when the role's `alerts:` is off.
+    """
+    if alerts is None:
+        return []
+    rules = alert_rules(alerts)
+    user, role, now = who
+    raised: list[Alert] = []
+    for table, keys, lookup, paging in observed:
+        raised += watcher.observe(Observation(user, role, table, keys, lookup, paging, now), rules)
+    return raised
+
+
 class RecordBook(LedgerClient):
     """Records shown per user, locks and alert state, as this process knows them."""
 
@@ -280,14 +300,8 @@ class RecordBook(LedgerClient):
         observed: list[tuple[str, tuple[str, ...], bool, bool]],
     ) -> list[Alert]:
         """Feed the enumeration watcher: (table, keys, lookup, paging) per classified table."""
-        if alerts is None:
-            return []
-        rules = alert_rules(alerts)
         now = self.clock()
-        raised: list[Alert] = []
-        for table, keys, lookup, paging in observed:
-            obs = Observation(user, role, table, keys, lookup, paging, now)
-            raised += self.watcher.observe(obs, rules)
+        raised = watch_all(self.watcher, (user, role, now), alerts, observed)
         for alert in raised:
             self._keep(
                 asyncio.ensure_future(
