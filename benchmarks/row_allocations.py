@@ -62,7 +62,7 @@ from proxy.errors import PgWardenError
 from proxy.net.catalog import fetch_snapshot
 from proxy.net.records import watch_all
 from proxy.pgserver import PgServer
-from proxy.policy import parse_policy
+from proxy.policy import Policy, parse_policy
 from proxy.policy.model import Alerts, Limits
 from proxy.session.gate import Gate, Principal, gate_for
 from proxy.session.machine import Phase, Session, SessionConfig
@@ -121,6 +121,10 @@ class EngineHolder:
     @property
     def records(self) -> NoLedger:
         return self._records
+
+    @property
+    def policy(self) -> Policy:
+        return self._engine.policy
 
 
 class NoLedger:

@@ -50,6 +50,22 @@ def test_sighup_applies_a_valid_policy_and_users_file(pgwarden: Callable[..., Pr
     assert _login(proxy, "frank", "frank-pw") == "ok"  # new user, new member
 
 
+def test_an_unrestricted_user_removed_from_the_role_is_refused_at_the_next_statement(
+    pgwarden: Callable[..., Proxy],
+) -> None:
+    proxy = pgwarden()
+    with psycopg.connect(proxy.dsn("dora", PASSWORDS["dora"]), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM customers").fetchone() is not None
+        prepared = "SELECT count(*) FROM orders WHERE id > %s"
+        assert conn.execute(prepared, (0,), prepare=True).fetchone() is not None
+        proxy.policy_path.write_text(TEST_POLICY.replace("members: [dora]", "members: [frank]"))
+        proxy.process.send_signal(signal.SIGHUP)
+        _wait_for_event(proxy, "policy.loaded")
+        for sql, args in (("SELECT 1", None), (prepared, (1,))):  # a Query, then a Bind
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no longer in role"):
+                conn.execute(sql, args, prepare=args is not None)
+
+
 @pytest.mark.parametrize(
     "broken",
     ["version: 2\nroles: {}\n", "roles: [not, a, mapping\n", ""],

@@ -137,6 +137,10 @@ class GateSources:
         return self._records
 
     @property
+    def policy(self) -> Policy:
+        return self._schema.policy
+
+    @property
     def engine(self) -> Engine | None:
         return self._schema.engine
 

@@ -38,7 +38,7 @@ from proxy.analysis.fingerprint import UNPARSABLE, fingerprint
 from proxy.analysis.records import RecordSpec
 from proxy.enumeration import Alert
 from proxy.errors import PgWardenError, PolicyRefusal
-from proxy.policy.model import Alerts, Limits, Role, break_glass_bucket
+from proxy.policy.model import Alerts, Limits, Policy, Role, break_glass_bucket
 from proxy.quota import has_quota
 
 
@@ -177,16 +177,35 @@ class Gate(Protocol):
 
 
 class PassThroughGate:
-    """Resolves the role and lets everything through (the foundation's policy)."""
+    """An unrestricted role: everything goes through, as long as the user is still in it.
 
-    __slots__ = ("forbidden", "principal")
+    `policy` gives the current policy (swapped on reload): a user removed from the
+    role, or a role that is no longer unrestricted, is refused from the next
+    statement or Bind on, as restricted roles are.
+    """
 
-    def __init__(self, principal: Principal) -> None:
+    __slots__ = ("_policy", "forbidden", "principal")
+
+    def __init__(self, principal: Principal, policy: Callable[[], Policy] | None = None) -> None:
         self.principal = principal
+        self._policy = policy
         self.forbidden: frozenset[tuple[int, int]] = frozenset()
 
     def check_statement(self, sql: str, *, extended: bool) -> Verdict:
-        return ALLOW  # the session fingerprints it for the log, only when that is on
+        left = self._left_the_role()
+        return ALLOW if left is None else Refuse(left)  # fingerprinted by the session
+
+    def _left_the_role(self) -> PgWardenError | None:
+        if self._policy is None:
+            return None
+        role = self._policy().role_of(self.principal.user)
+        if role is not None and role.name == self.principal.role and role.unrestricted:
+            return None
+        return PolicyRefusal(
+            f'pgwarden: user "{self.principal.user}" is no longer in role '
+            f'"{self.principal.role}"; statement refused',
+            hint="The policy changed; reconnect to get your current role.",
+        )
 
     def rows_returned(self, count: int) -> None:
         return None
@@ -195,7 +214,7 @@ class PassThroughGate:
         return None
 
     def check_bind(self, prepared: Prepared | None, *, counted: bool) -> int | PgWardenError | None:
-        return None
+        return self._left_the_role()
 
     def account(self, spec: RecordSpec, rows: list[KeyRow], *, held: bool) -> Accounting:
         return Accounting(len(rows))
@@ -224,6 +243,11 @@ class EngineSource(Protocol):
 
     @property
     def records(self) -> RecordKeeper: ...
+
+    @property
+    def policy(self) -> Policy:
+        """The current policy (swapped on reload)."""
+        ...
 
 
 class RecordKeeper(Protocol):
@@ -732,5 +756,5 @@ def gate_for(principal: Principal, source: EngineSource) -> Gate:
     if principal.shadow:
         return ShadowGate(principal, source)
     if principal.unrestricted:
-        return PassThroughGate(principal)
+        return PassThroughGate(principal, lambda: source.policy)
     return PolicyGate(principal, source)

@@ -620,7 +620,7 @@ class Session:
                 widened = fe.bind_with_text_results(data, pos, end, cap.records.hidden)
                 if widened is not None:
                     return widened
-        elif self.gate is not None and self.gate.principal.shadow:  # a reload may end it
+        elif self.gate is not None:  # unrestricted or shadow: a reload may end the role
             ended = self.gate.check_bind(None, counted=False)
             if isinstance(ended, PgWardenError):
                 self.pipeline.queue.pop()  # the BindComplete will not be asked for
