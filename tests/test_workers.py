@@ -295,3 +295,30 @@ def test_a_second_sigterm_forces_the_exit(pgwarden: Callable[..., Proxy]) -> Non
         running.join()
     _wait_gone(pids)
     assert _events(proxy, "shutdown.forced")
+
+
+RECORDS_POLICY = TEST_POLICY.replace("members: [alice, carol]", "members: [relay_user]").replace(
+    "rows_per_day: 40000", "rows_per_day: 40000\n      records_per_day: 60"
+) + ("decoys:\n  public.customers: [150]\n")
+
+
+def test_records_and_locks_reach_every_worker_at_once(pgwarden: Callable[..., Proxy]) -> None:
+    """One worker's records count in the others' budgets, and its lock ends their sessions,
+    at once (not at their next ledger read, seconds later)."""
+    users = {**PASSWORDS, "relay_user": "relay_user-pw"}
+    proxy = _start(pgwarden, policy_text=RECORDS_POLICY, users=users)
+    with _spread(proxy, "relay_user", WORKERS) as conns:
+        first, *others = conns
+        assert len(first.execute("SELECT id FROM customers WHERE id <= 50").fetchall()) == 50
+        time.sleep(0.3)  # the relay takes a hop through the supervisor; the ledger, 5 s
+        for conn in others:  # the 50 are known there already: 20 new ones would make 70
+            with pytest.raises(psycopg.errors.ConfigurationLimitExceeded, match="records"):
+                conn.execute("SELECT id FROM customers WHERE id > 100 AND id <= 120")
+            assert len(conn.execute("SELECT id FROM customers WHERE id <= 50").fetchall()) == 50
+        with pytest.raises(psycopg.Error, match="locked"):
+            first.execute("SELECT id FROM customers WHERE id = 150").fetchall()  # a decoy
+        time.sleep(0.3)
+        for conn in others:
+            with pytest.raises(psycopg.Error, match="locked"):
+                conn.execute("SELECT 1")
+    assert len(_events(proxy, "user.locked")) == 1  # locked once, where the decoy was shown

@@ -128,6 +128,9 @@ class RecordBook(LedgerClient):
         self._writer: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
         self.on_lock: Callable[[str], None] | None = None  # ends the user's open sessions
+        # --workers: tell the other workers (proxy/net/workers.py) at once
+        self.relay_lock: Callable[[str], None] | None = None
+        self.relay_seen: Callable[[str, dict[int, float]], None] | None = None
 
     # --- reading ---------------------------------------------------------------------
 
@@ -263,20 +266,30 @@ class RecordBook(LedgerClient):
         if not budgets or not rows:
             return
         now = self.clock()
-        seen = self._seen.get(user)
-        pending = self._unwritten.setdefault(user, {})
-        for row in rows:
-            for rec in row:
-                pending[rec] = now
-                if seen is None:
-                    continue
-                before = seen.recs.get(rec)
-                seen.recs[rec] = now
-                for name, window in _WINDOWS:
-                    if name in seen.counts and (before is None or before <= now - window):
-                        seen.counts[name] += 1
+        shown = {rec: now for row in rows for rec in row}
+        self._unwritten.setdefault(user, {}).update(shown)
+        self._note(user, shown)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write())
+        if self.relay_seen is not None:
+            self.relay_seen(user, shown)
+
+    def add_remote(self, user: str, records: dict[int, float]) -> None:
+        """Another worker showed `user` these records (it writes them to the ledger)."""
+        self._note(user, records)
+
+    def _note(self, user: str, records: dict[int, float]) -> None:
+        seen = self._seen.get(user)
+        if seen is None:
+            return  # read whole from the ledger at the next use
+        for rec, at in records.items():
+            before = seen.recs.get(rec)
+            if before is not None and before >= at:
+                continue
+            seen.recs[rec] = at
+            for name, window in _WINDOWS:
+                if name in seen.counts and (before is None or before <= at - window):
+                    seen.counts[name] += 1
 
     def _count(self, seen: _Seen, now: float) -> dict[str, int]:
         if not seen.counted_at <= now < seen.counted_at + self.RECOUNT_S:
@@ -328,6 +341,17 @@ class RecordBook(LedgerClient):
         self._locks[user] = Lock(now, reason, dict(details))
         text = orjson.dumps(dict(details)).decode()
         self._keep(asyncio.ensure_future(self._write_lock(user, now, reason, text)))
+        if self.on_lock is not None:
+            self.on_lock(user)
+        if self.relay_lock is not None:
+            self.relay_lock(user)
+
+    def remote_lock(self, user: str) -> None:
+        """Another worker locked `user` (and writes the lock): end their sessions here too."""
+        if user in self._locks:
+            return
+        self._locks[user] = Lock(self.clock(), "locked by another worker")
+        self._lock_read[user] = time.monotonic()  # the ledger read will bring the details
         if self.on_lock is not None:
             self.on_lock(user)
 

@@ -184,6 +184,9 @@ class Server:
         self.records = RecordBook(self.quotas.ledger, self.log)
         self.records.observe = self.metrics.observe
         self.records.on_lock = self.end_sessions_of
+        if link is not None:  # the other workers hear of locks and records at once
+            self.records.relay_lock = link.lock
+            self.records.relay_seen = link.seen
         self.sources = GateSources(self.schema, self.quotas, self.records)
         self.client_ssl = client_ssl_context(settings)
         self.upstream_ssl = upstream_ssl_context(settings.upstream)
@@ -366,6 +369,11 @@ class Server:
             self.cancel(int(message["pid"]), bytes.fromhex(str(message["secret"])))
         elif op == "charge":
             self.quotas.add_remote(str(message["user"]), int(message["rows"]))
+        elif op == "lock":
+            self.records.remote_lock(str(message["user"]))
+        elif op == "seen":
+            found = message["records"]
+            self.records.add_remote(str(message["user"]), {int(r): float(t) for r, t in found})
         return None
 
     async def _health_answer(self) -> dict[str, Any]:

@@ -25,7 +25,8 @@ Strategy:
   - quota charges: each charge is relayed to the other workers at once, so a
     user's sessions on several workers see each other's rows within
     milliseconds instead of at the next ledger read (the ledger stays the
-    record and the source after a restart).
+    record and the source after a restart). Records shown (for distinct-record
+    budgets) and locks are relayed the same way.
   - /metrics and /healthz on metrics_listen: the supervisor asks every worker
     for its series and its health and answers with the sum (healthy only when
     every worker is up and says so).
@@ -88,8 +89,9 @@ class SupervisorLink:
     """A worker's line to its supervisor (see the module docstring for what crosses it).
 
     `handlers` answer the supervisor's requests: metrics, health, cancel (a
-    CancelRequest another worker received for one of our sessions) and charge
-    (another worker's quota charge). `closed` is set when the supervisor goes.
+    CancelRequest another worker received for one of our sessions), charge
+    (another worker's quota charge), lock and seen (another worker locked a user,
+    or showed a user records). `closed` is set when the supervisor goes.
     """
 
     def __init__(self, index: int, fd: int) -> None:
@@ -126,6 +128,14 @@ class SupervisorLink:
 
     def charge(self, user: str, rows: int) -> None:
         self._send({"op": "charge", "user": user, "rows": rows})
+
+    def lock(self, user: str) -> None:
+        """`user` was locked here (a decoy, a locking alert): every other worker ends them."""
+        self._send({"op": "lock", "user": user})
+
+    def seen(self, user: str, records: dict[int, float]) -> None:
+        """`user` was shown these records (digest -> when): for the others' budgets."""
+        self._send({"op": "seen", "user": user, "records": [[r, t] for r, t in records.items()]})
 
     def _send(self, message: Message) -> None:
         if self._channel is not None:
@@ -309,7 +319,7 @@ class Supervisor:
             owner = self.workers.get(worker_of(int(message["pid"])))
             if owner is not None:
                 owner.channel.send(message)
-        elif op == "charge":
+        elif op in _RELAYED:
             for other in self.workers.values():
                 if other is not worker:
                     other.channel.send(message)
@@ -380,6 +390,10 @@ class Supervisor:
         if processes:
             await asyncio.gather(*processes)
         await asyncio.sleep(0)
+
+
+# What one worker tells the supervisor for all the others: quota charges, locks, records.
+_RELAYED = frozenset({"charge", "lock", "seen"})
 
 
 def _exit_fields(code: int) -> dict[str, Any]:
