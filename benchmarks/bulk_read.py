@@ -39,7 +39,6 @@ stdout.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import os
@@ -69,11 +68,11 @@ from pgbench_select import (
     launch_pgwarden,
     progress,
     start_target,
+    svc_snapshot,
     table_rows,
 )
 
 from proxy.analysis.engine import Engine
-from proxy.net.catalog import fetch_snapshot
 from proxy.pgserver import PgServer
 from proxy.policy import parse_policy
 
@@ -274,17 +273,7 @@ def render_table(results: BulkResults) -> str:
 
 def rewritten_texts(server: PgServer, creds: Credentials, cap: int) -> dict[str, str]:
     """What pgwarden sends upstream for each method, from its own engine."""
-    snapshot = asyncio.run(
-        fetch_snapshot(
-            host=server.host,
-            port=server.port,
-            user=SVC_USER,
-            password=creds.svc_password,
-            database=DB,
-            ssl=False,
-            timeout=30,
-        )
-    )
+    snapshot = svc_snapshot(server, creds)
     doc = parse_policy(policy(truncate=False, cap=cap).encode(), source=Path("bulk-policy.yaml"))
     engine = Engine(doc, snapshot, hash_key=None)
     texts = {}

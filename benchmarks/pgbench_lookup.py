@@ -44,7 +44,6 @@ included; every wait has a deadline. Progress to stderr, the result to stdout.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import os
@@ -76,16 +75,15 @@ from pgbench_select import (
     launch_pgwarden,
     progress,
     run_pgbench,
+    svc_snapshot,
     table_rows,
 )
 from pgbench_select import (
     start_target as select_start_target,
 )
 
-from proxy.analysis.catalog import Snapshot
 from proxy.analysis.engine import Engine
 from proxy.demo import shop_sql
-from proxy.net.catalog import fetch_snapshot
 from proxy.pgserver import PgServer
 from proxy.policy import parse_policy
 
@@ -321,22 +319,10 @@ def lookup_policy(*, quotas: bool = False, records: str = "") -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-async def _snapshot(server: PgServer, creds: Credentials) -> Snapshot:
-    return await fetch_snapshot(
-        host=server.host,
-        port=server.port,
-        user=SVC_USER,
-        password=creds.svc_password,
-        database=DB,
-        ssl=False,
-        timeout=30,
-    )
-
-
 def rewritten_texts(server: PgServer, creds: Credentials) -> dict[str, str]:
     """What pgwarden sends upstream for each look-up (a Parse with $1), from its engine."""
     policy = parse_policy(lookup_policy().encode(), source=Path("lookup-policy.yaml"))
-    engine = Engine(policy, asyncio.run(_snapshot(server, creds)), hash_key=None)
+    engine = Engine(policy, svc_snapshot(server, creds), hash_key=None)
     texts = {}
     for variant, sql in PLAIN.items():
         verdict = engine.evaluate(ROLE, sql, extended=True)

@@ -17,6 +17,7 @@ stderr, the result (table or --json) to stdout.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -37,7 +38,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from proxy.analysis.catalog import Snapshot
 from proxy.auth import make_secret
+from proxy.net.catalog import fetch_snapshot
 from proxy.pgserver import PgServer
 
 DB = "bench"
@@ -206,6 +209,21 @@ class Credentials:
     def generate(cls) -> Credentials:
         client_password = secrets.token_hex(12)
         return cls(secrets.token_hex(12), client_password, make_secret(client_password))
+
+
+def svc_snapshot(server: PgServer, creds: Credentials) -> Snapshot:
+    """The schema snapshot of the benchmark database, read as the service account."""
+    return asyncio.run(
+        fetch_snapshot(
+            host=server.host,
+            port=server.port,
+            user=SVC_USER,
+            password=creds.svc_password,
+            database=DB,
+            ssl=False,
+            timeout=30,
+        )
+    )
 
 
 def prepare_database(server: PgServer, opts: Options, creds: Credentials) -> None:

@@ -38,8 +38,8 @@ timing is taken. Progress to stderr, the result to stdout.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -52,14 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from bulk_read import SELECT_SQL, policy, table_sql, wire_bytes_sql
-from pgbench_select import CLIENT_USER, DB, SVC_USER, Credentials, drive, progress
+from pgbench_select import CLIENT_USER, DB, SVC_USER, Credentials, drive, progress, svc_snapshot
 from scramp import ScramClient
 
 from proxy.analysis.engine import Engine
 from proxy.auth import parse_secret
 from proxy.enumeration import Alert, Watcher
 from proxy.errors import PgWardenError
-from proxy.net.catalog import fetch_snapshot
 from proxy.net.records import watch_all
 from proxy.pgserver import PgServer
 from proxy.policy import Policy, parse_policy
@@ -125,6 +124,16 @@ class EngineHolder:
     @property
     def policy(self) -> Policy:
         return self._engine.policy
+
+
+class DbaHolder(EngineHolder):
+    """The same, whose policy has the bench user in an unrestricted role (`dba`)."""
+
+    DBA = f"version: 1\nroles:\n  dba: {{members: [{CLIENT_USER}], unrestricted: true}}\n"
+
+    @functools.cached_property
+    def policy(self) -> Policy:  # type: ignore[override]  # read once, as a reload would
+        return parse_policy(self.DBA.encode(), source=Path("dba.yaml"))
 
 
 class NoLedger:
@@ -381,7 +390,7 @@ def gates(engine: Engine, caps: dict[str, Engine]) -> dict[str, Callable[[], Gat
         return lambda: gate_for(Principal(CLIENT_USER, "exporter", False), EngineHolder(e))
 
     return {
-        "unrestricted": lambda: gate_for(Principal(CLIENT_USER, "dba", True), EngineHolder(engine)),
+        "unrestricted": lambda: gate_for(Principal(CLIENT_USER, "dba", True), DbaHolder(engine)),
         "masked": restricted(engine),
         **{name: restricted(e) for name, e in caps.items()},
     }
@@ -411,17 +420,7 @@ def run(opts: AllocOptions, stack: contextlib.ExitStack, results: AllocResults) 
         sql=SELECT_SQL,
         python=sys.version.split()[0],
     )
-    snapshot = asyncio.run(
-        fetch_snapshot(
-            host=server.host,
-            port=server.port,
-            user=SVC_USER,
-            password=creds.svc_password,
-            database=DB,
-            ssl=False,
-            timeout=30,
-        )
-    )
+    snapshot = svc_snapshot(server, creds)
 
     def engine(text: str) -> Engine:
         return Engine(parse_policy(text.encode(), source=Path("alloc.yaml")), snapshot, None)

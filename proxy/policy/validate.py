@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
@@ -168,15 +169,11 @@ class Checker:
     # --- decoys -----------------------------------------------------------------
 
     def decoy_section(self, section: object, classify: Classify) -> Decoys:
-        if not isinstance(section, dict):
-            self.error(("decoys",), "must be a mapping of table to a list of primary-key values")
-            return {}
         out: Decoys = {}
-        for table, keys in section.items():
-            path: YamlPath = ("decoys", table)
-            if not is_qualified(table):
-                self.error(path, "must be schema.table (two identifiers, no globs)", key=True)
-            elif table not in classify:
+        for path, table, keys in self.table_entries(
+            "decoys", section, "a list of primary-key values"
+        ):
+            if table not in classify:
                 self.error(path, "decoys belong in a table the classify section names", key=True)
             elif not isinstance(keys, list) or not keys:
                 self.error(path, "must be a non-empty list of primary-key values")
@@ -224,16 +221,24 @@ class Checker:
 
     # --- classify ---------------------------------------------------------------
 
-    def classify(self, section: object) -> Classify:
+    def table_entries(
+        self, name: str, section: object, what: str
+    ) -> Iterator[tuple[YamlPath, str, Any]]:
+        """(path, table, value) of a top-level mapping of schema.table to `what`."""
         if not isinstance(section, dict):
-            self.error(("classify",), "must be a mapping of table to {column: tag}")
-            return {}
-        out: Classify = {}
-        for table, columns in section.items():
-            path: YamlPath = ("classify", table)
+            self.error((name,), f"must be a mapping of table to {what}")
+            return
+        for table, value in section.items():
+            path: YamlPath = (name, table)
             if not is_qualified(table):
                 self.error(path, "must be schema.table (two identifiers, no globs)", key=True)
-            elif not isinstance(columns, dict):
+            else:
+                yield path, table, value
+
+    def classify(self, section: object) -> Classify:
+        out: Classify = {}
+        for path, table, columns in self.table_entries("classify", section, "{column: tag}"):
+            if not isinstance(columns, dict):
                 self.error(path, "must be a mapping of column to tag")
             else:
                 out[table] = self.classified(path, columns)

@@ -503,6 +503,8 @@ class PolicyGate:
                     if key is not None and key in decoys.get(table, ()):
                         return Accounting(0, decoy=table)
         budgets = _budgets(role)
+        if budgets and held and not book.ready(user):  # forgotten meanwhile: fail closed
+            return Accounting(0, error=_records_unavailable())
         named = [_record_ids(spec, row) for row in rows] if budgets else []
         out = Accounting(len(rows))
         if budgets:
